@@ -262,9 +262,7 @@ def test_host_notifier_without_fd() -> None:
 
 def test_iotlb_without_c_padding_is_accepted() -> None:
     """Some senders send only the 26 meaningful bytes of struct vhost_iotlb_msg."""
-    wire = h(
-        "16000000 01000000 1a000000 0000000000000000 0000000000000000 0000000000000000 00 03"
-    )
+    wire = h("16000000 01000000 1a000000 0000000000000000 0000000000000000 0000000000000000 00 03")
     expected = IotlbMsg(0, 0, 0, IotlbPerm.NONE, IotlbType.INVALIDATE)
     assert feed(Framer(F), wire) == [Message(F.IOTLB_MSG, V, expected, [])]
 
@@ -302,3 +300,24 @@ def test_message_properties() -> None:
     assert msg.is_reply and not msg.need_reply
     (msg,) = feed(Framer(F), h("27000000 09000000 08000000 0f00000000000000"))
     assert msg.need_reply and not msg.is_reply
+
+
+@pytest.mark.parametrize(
+    ("code", "payload", "error"),
+    [
+        (F.SET_VRING_NUM, 5, TypeError),  # wrong payload type for the code
+        (F.GET_FEATURES, 0, TypeError),  # request without payload
+        (F.SET_FEATURES, 2**64, ValueError),
+        (F.SET_VRING_KICK, VringFd(256, False), ValueError),
+        (F.SET_CONFIG, ConfigSpace(0, 5, 0, b"abc"), ValueError),
+        (F.SET_MEM_TABLE, MemoryTable((REGION,) * 9), ValueError),
+    ],
+)
+def test_encoder_rejects_bad_payloads(code: F, payload: Payload, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        encode_request(code, payload)
+
+
+def test_encoder_needs_an_enum_code() -> None:
+    with pytest.raises(TypeError):
+        encode_request(1, None)  # type: ignore[arg-type]
