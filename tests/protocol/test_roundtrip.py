@@ -89,7 +89,8 @@ def request(draw: st.DrawFn, codes: type[FrontendRequest] | type[BackendRequest]
     rule = rule_for(code)
     payload = draw(PAYLOADS[rule.request])
     need_reply = draw(st.booleans())
-    fds = list(range(draw(st.integers(0, 10_000)), 10_000))[: fd_count(rule.fds, payload, draw)]
+    base = draw(st.integers(0, 10_000))
+    fds = [base + i for i in range(fd_count(rule.fds, payload, draw))]
     flags = HeaderFlag.VERSION | (HeaderFlag.NEED_REPLY if need_reply else 0)
     wire = encode_request(code, payload, need_reply=need_reply)
     return wire, Message(code, flags, payload, fds)
