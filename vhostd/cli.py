@@ -1,0 +1,145 @@
+"""The ``vhostd`` command line.
+
+``vhostd run --socket PATH [--socket PATH ...] [--client PATH ...] [--tap IFNAME]
+[--mode switch|reflect|sink] [--config FILE] [--metrics-listen ADDR]``
+serves ports until SIGINT or SIGTERM; ``vhostd check-config FILE`` reports
+every problem in a configuration file with its line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    DaemonConfig,
+    check_config_text,
+    config_from_args,
+    load_config,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vhostd", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve vhost-user ports")
+    run.add_argument(
+        "--socket",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="listen for a front-end on this Unix socket (repeatable)",
+    )
+    run.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="connect to a front-end listening here, e.g. QEMU server=on",
+    )
+    run.add_argument(
+        "--tap",
+        action="append",
+        default=[],
+        metavar="IFNAME",
+        help="join a TAP interface to the switch (repeatable)",
+    )
+    run.add_argument(
+        "--mode",
+        choices=["switch", "reflect", "sink"],
+        help="what ports do with frames their guest sends (default switch)",
+    )
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"TOML configuration (default {DEFAULT_CONFIG_PATH} if it exists)",
+    )
+    run.add_argument(
+        "--metrics-listen", metavar="ADDR", help="serve Prometheus metrics on HOST:PORT"
+    )
+    run.add_argument("--control-socket", metavar="PATH", help="the status socket")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file", nargs="?", default=DEFAULT_CONFIG_PATH)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
+    path = args.config
+    if path is None and not (args.socket or args.client) and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    base = load_config(path) if path else None
+    config = config_from_args(
+        base,
+        sockets=args.socket,
+        client_sockets=args.client,
+        mode=args.mode,
+        taps=args.tap,
+        metrics_listen=args.metrics_listen,
+        log_level=args.log_level,
+        control_socket=args.control_socket,
+    )
+    return config, path
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    try:
+        config, path = _load(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"vhostd: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not config.ports:
+        print("vhostd: no ports: give --socket PATH or a --config file", file=sys.stderr)
+        return 2
+    try:
+        trio.run(Daemon(config, path).run)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        logging.getLogger("vhostd").error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        print(f"vhostd: {exc}", file=sys.stderr)
+        return 2
+    problems = check_config_text(text, args.file)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print(f"{args.file}: OK")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return _check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

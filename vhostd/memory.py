@@ -1,0 +1,217 @@
+"""The front-end's memory regions, mapped into this process.
+
+The front-end (QEMU, DPDK virtio-user) shares its guest RAM as file
+descriptors. Each region is known by three addresses: the guest physical
+address, the front-end's own virtual address (``userspace_addr``) and an
+offset into the fd. This module maps the fds with ``mmap`` through cffi and
+turns either kind of address into a local memoryview, never past a region's
+end. It knows nothing of rings or of the IOTLB: ``guestmem`` builds on it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from protocol.payloads import MemoryRegion
+
+from ._native import ffi, lib
+
+U64_END = 1 << 64
+
+
+class MemoryError_(Exception):
+    """A region the front-end described cannot be used."""
+
+
+class AddressFault(Exception):
+    """An address, or part of a range, lies outside every mapped region."""
+
+    def __init__(self, addr: int, size: int, space: str) -> None:
+        super().__init__(f"{space} range {addr:#x}+{size:#x} is not inside one mapped region")
+        self.addr = addr
+        self.size = size
+        self.space = space
+
+
+@dataclass(eq=False, slots=True)
+class MappedRegion:
+    """One region's mapping: its addresses and a memoryview over its bytes."""
+
+    gpa: int
+    size: int
+    uaddr: int
+    mmap_offset: int
+    view: memoryview
+    _ptr: object = field(repr=False)
+    _length: int = field(repr=False)
+
+    @classmethod
+    def map(cls, region: MemoryRegion, fd: int) -> MappedRegion:
+        """Map ``region`` from ``fd``; the caller keeps ownership of ``fd``."""
+        size, offset = region.memory_size, region.mmap_offset
+        if size == 0:
+            raise MemoryError_("region of size 0")
+        for name, base in (
+            ("guest_phys_addr", region.guest_phys_addr),
+            ("userspace_addr", region.userspace_addr),
+            ("mmap_offset", offset),
+        ):
+            if base + size > U64_END:
+                raise MemoryError_(f"{name} {base:#x} + size {size:#x} overflows 64 bits")
+        length = offset + size
+        ptr = lib.mmap(ffi.NULL, length, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, 0)
+        if int(ffi.cast("intptr_t", ptr)) == -1:
+            err = ffi.errno
+            raise MemoryError_(f"mmap of {length:#x} bytes failed: {os.strerror(err)}")
+        lib.madvise(ptr, length, lib.MADV_DONTDUMP)
+        view = memoryview(ffi.buffer(ptr, length))[offset:]
+        return cls(region.guest_phys_addr, size, region.userspace_addr, offset, view, ptr, length)
+
+    def unmap(self) -> None:
+        """Release the mapping; the view must not be used afterwards."""
+        if self._length:
+            self.view.release()
+            lib.munmap(self._ptr, self._length)
+            self._length = 0
+
+    def overlaps(self, other: MappedRegion) -> bool:
+        return (self.gpa < other.gpa + other.size and other.gpa < self.gpa + self.size) or (
+            self.uaddr < other.uaddr + other.size and other.uaddr < self.uaddr + self.size
+        )
+
+    def describes(self, region: MemoryRegion) -> bool:
+        return (
+            self.gpa == region.guest_phys_addr
+            and self.size == region.memory_size
+            and self.uaddr == region.userspace_addr
+        )
+
+
+class MemoryTable:
+    """The set of mapped regions of one front-end connection.
+
+    Lookups scan a handful of regions (QEMU sends at most 8, a few dozen with
+    memory slots) after checking the last hit, which is nearly always right.
+    ``generation`` changes whenever a region goes away, so anything that
+    cached a view into guest memory knows to look again.
+    """
+
+    def __init__(self, max_regions: int) -> None:
+        self.max_regions = max_regions
+        self._regions: list[MappedRegion] = []
+        self._last_gpa: MappedRegion | None = None
+        self._last_uaddr: MappedRegion | None = None
+        self.generation = 0
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    def __iter__(self) -> Iterator[MappedRegion]:
+        return iter(self._regions)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    def replace(self, regions: Iterable[MemoryRegion], fds: list[int]) -> None:
+        """Map a whole new table (SET_MEM_TABLE); all-or-nothing."""
+        new: list[MappedRegion] = []
+        try:
+            for region, fd in zip(regions, fds, strict=True):
+                new.append(self._checked(MappedRegion.map(region, fd), new))
+        except BaseException:
+            for mapped in new:
+                mapped.unmap()
+            raise
+        self.clear()
+        self._regions = new
+
+    def add(self, region: MemoryRegion, fd: int) -> None:
+        """Map one more region (ADD_MEM_REG)."""
+        if len(self._regions) >= self.max_regions:
+            raise MemoryError_(f"all {self.max_regions} memory slots are in use")
+        mapped = MappedRegion.map(region, fd)
+        try:
+            self._regions.append(self._checked(mapped, self._regions))
+        except BaseException:
+            mapped.unmap()
+            raise
+
+    def remove(self, region: MemoryRegion) -> None:
+        """Unmap the region that ``region`` describes (REM_MEM_REG)."""
+        for i, mapped in enumerate(self._regions):
+            if mapped.describes(region):
+                del self._regions[i]
+                self._forget()
+                mapped.unmap()
+                return
+        raise MemoryError_(
+            f"no region at gpa {region.guest_phys_addr:#x} size {region.memory_size:#x}"
+        )
+
+    def clear(self) -> None:
+        """Unmap everything; safe to call on every way out of a connection."""
+        regions, self._regions = self._regions, []
+        self._forget()
+        for mapped in regions:
+            mapped.unmap()
+
+    def _forget(self) -> None:
+        self._last_gpa = self._last_uaddr = None
+        self.generation += 1
+
+    def _checked(self, mapped: MappedRegion, others: list[MappedRegion]) -> MappedRegion:
+        for other in others:
+            if mapped.overlaps(other):
+                mapped.unmap()
+                raise MemoryError_(
+                    f"region gpa {mapped.gpa:#x}+{mapped.size:#x} overlaps "
+                    f"region gpa {other.gpa:#x}+{other.size:#x}"
+                )
+        return mapped
+
+    def gpa_view(self, gpa: int, size: int) -> memoryview:
+        """A view of guest physical ``[gpa, gpa+size)``, inside one region."""
+        r = self._last_gpa
+        if r is None or not (r.gpa <= gpa and gpa + size <= r.gpa + r.size):
+            for r in self._regions:
+                if r.gpa <= gpa < r.gpa + r.size:
+                    break
+            else:
+                raise AddressFault(gpa, size, "guest physical")
+            if gpa + size > r.gpa + r.size:
+                raise AddressFault(gpa, size, "guest physical")
+            self._last_gpa = r
+        start = gpa - r.gpa
+        return r.view[start : start + size]
+
+    def uaddr_view(self, uaddr: int, size: int) -> memoryview:
+        """A view of front-end virtual ``[uaddr, uaddr+size)``, inside one region."""
+        r = self._last_uaddr
+        if r is None or not (r.uaddr <= uaddr and uaddr + size <= r.uaddr + r.size):
+            for r in self._regions:
+                if r.uaddr <= uaddr < r.uaddr + r.size:
+                    break
+            else:
+                raise AddressFault(uaddr, size, "front-end virtual")
+            if uaddr + size > r.uaddr + r.size:
+                raise AddressFault(uaddr, size, "front-end virtual")
+            self._last_uaddr = r
+        start = uaddr - r.uaddr
+        return r.view[start : start + size]
+
+    def uaddr_span(self, uaddr: int) -> int:
+        """How many bytes from ``uaddr`` stay inside its region (0 if unmapped)."""
+        for r in self._regions:
+            if r.uaddr <= uaddr < r.uaddr + r.size:
+                return r.uaddr + r.size - uaddr
+        return 0
+
+    def gpa_span(self, gpa: int) -> int:
+        """How many bytes from ``gpa`` stay inside its region (0 if unmapped)."""
+        for r in self._regions:
+            if r.gpa <= gpa < r.gpa + r.size:
+                return r.gpa + r.size - gpa
+        return 0

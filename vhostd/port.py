@@ -1,0 +1,201 @@
+"""A port: one vhost-user socket, the guest NIC behind it, and its counters.
+
+The port outlives its front-end connections: it listens (or, in client
+mode, connects and reconnects), runs one :class:`~vhostd.session.Session`
+at a time, and decides where the guest's frames go (the switch, straight
+back, or nowhere). Counters belong to the port so that they survive a
+reconnect.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import logging
+import os
+import pwd
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from protocol import FrontendRequest, VirtioFeature
+
+from .channel import Channel
+from .config import PortConfig, PortMode
+from .net import BASE_FEATURES, Frame
+from .session import Session
+from .stats import PortStats
+from .switch import Switch
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+VF = VirtioFeature
+
+_FEATURE_SWITCHES: tuple[tuple[str, int], ...] = (
+    ("mrg_rxbuf", VF.NET_MRG_RXBUF),
+    ("event_idx", VF.RING_EVENT_IDX),
+    ("indirect_desc", VF.RING_INDIRECT_DESC),
+    ("mq", VF.NET_MQ | VF.NET_CTRL_VQ),
+    ("mtu", VF.NET_MTU),
+    ("status", VF.NET_STATUS),
+    ("any_layout", VF.ANY_LAYOUT),
+)
+
+
+class Port:
+    """One configured vhost-user port."""
+
+    def __init__(self, config: PortConfig, switch: Switch) -> None:
+        self.config = config
+        self.name = config.name
+        self.switch = switch
+        self.stats = PortStats()
+        self.session: Session | None = None
+        self.listener: trio.socket.SocketType | None = None
+        self._inherited = False
+        self._forward: Callable[[Session, Frame], None] = {
+            PortMode.SWITCH: self._to_switch,
+            PortMode.REFLECT: self._reflect,
+            PortMode.SINK: _drop,
+        }[config.mode]
+        self.cancel_scope = trio.CancelScope()
+
+    # -- what the device offers --------------------------------------------
+
+    def offered_features(self) -> int:
+        features = int(BASE_FEATURES)
+        for name, bits in _FEATURE_SWITCHES:
+            if not getattr(self.config.features, name):
+                features &= ~bits
+        if self.config.queue_pairs < 2:
+            features &= ~(VF.NET_MQ | VF.NET_CTRL_VQ)
+        if self.config.iommu:
+            features |= VF.ACCESS_PLATFORM
+        return features
+
+    # -- frames ------------------------------------------------------------
+
+    def attach(self, session: Session) -> None:
+        if self.config.mode is PortMode.SWITCH:
+            self.switch.attach(session)
+
+    def detach(self, session: Session) -> None:
+        self.switch.detach(session)
+
+    def tick(self) -> None:
+        self.switch.tick()
+
+    def forward(self, session: Session, frame: Frame) -> None:
+        """Send a frame the guest transmitted to wherever this port's mode says."""
+        self._forward(session, frame)
+
+    def flush(self) -> None:
+        self.switch.flush()
+
+    def _to_switch(self, session: Session, frame: Frame) -> None:
+        self.switch.forward(session, frame)
+
+    def _reflect(self, session: Session, frame: Frame) -> None:
+        out = bytearray(frame)
+        out[0:6], out[6:12] = out[6:12], out[0:6]
+        session.send(out)
+        self.switch.touch(session)
+
+    # -- sockets -------------------------------------------------------------
+
+    def listen(self, inherited: socket.socket | None = None) -> None:
+        """Bind the port's socket now, so errors show before the daemon is ready."""
+        if self.config.client:
+            return
+        if inherited is not None:
+            inherited.setblocking(False)
+            self.listener = trio.socket.from_stdlib_socket(inherited)
+            self._inherited = True
+            return
+        path = self.config.socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            sock.bind(path)
+            os.chmod(path, self.config.socket_mode)
+            self._chown(path)
+            sock.listen(4)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.listener = trio.socket.from_stdlib_socket(sock)
+
+    def _chown(self, path: str) -> None:
+        owner, group = self.config.owner, self.config.group
+        if owner is None and group is None:
+            return
+        uid = pwd.getpwnam(owner).pw_uid if owner else -1
+        gid = grp.getgrnam(group).gr_gid if group else -1
+        os.chown(path, uid, gid)
+
+    async def serve(self) -> None:
+        """Accept (or dial) front-ends forever, one session at a time."""
+        with self.cancel_scope:
+            if self.config.client:
+                await self._dial()
+            else:
+                await self._accept()
+
+    async def _accept(self) -> None:
+        assert self.listener is not None
+        log.info(
+            "%s: listening on %s (mode %s)", self.name, self.config.socket, self.config.mode.value
+        )
+        while True:
+            sock, _ = await self.listener.accept()
+            log.info("%s: front-end connected", self.name)
+            await self._run_session(sock)
+
+    async def _dial(self) -> None:
+        path = self.config.socket
+        while True:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await sock.connect(path)
+            except OSError as exc:
+                sock.close()
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                    log.warning("%s: connect to %s: %s", self.name, path, exc)
+                await trio.sleep(self.config.reconnect_seconds)
+                continue
+            log.info("%s: connected to front-end at %s", self.name, path)
+            await self._run_session(sock)
+            await trio.sleep(self.config.reconnect_seconds)
+
+    async def _run_session(self, sock: trio.socket.SocketType) -> None:
+        session = Session(self, Channel(sock, FrontendRequest))
+        self.session = session
+        try:
+            await session.run()
+        finally:
+            self.session = None
+            log.info("%s: front-end disconnected", self.name)
+
+    def close(self) -> None:
+        """Stop serving and remove the socket file (unless systemd owns it)."""
+        self.cancel_scope.cancel()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            if not self._inherited:
+                try:
+                    os.unlink(self.config.socket)
+                except OSError:
+                    pass
+
+
+def _drop(session: Session, frame: Frame) -> None:
+    """Sink mode: the TX counters already counted the frame."""

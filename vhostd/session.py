@@ -1,0 +1,697 @@
+"""One front-end connection: vhost-user requests in, a running net device out.
+
+A :class:`Session` lives exactly as long as its connection. It owns a trio
+nursery holding the main-channel reader, the back-end channel reader and one
+task per started ring; leaving the nursery (peer gone, fatal error, daemon
+stopping) runs one ``finally`` that stops every ring, closes every fd and
+unmaps every region, whatever the path out.
+
+Request handlers are synchronous. That is what makes IOTLB invalidation
+safe: a ring task touches guest memory only between two awaits and keeps no
+translated view across one, so by the time a handler runs, no access is in
+flight, and the INVALIDATE ack it sends is true.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from protocol import (
+    DeviceStatus,
+    FrontendRequest,
+    IotlbMsg,
+    IotlbPerm,
+    IotlbType,
+    MemoryTable,
+    Message,
+    Payload,
+    ProtocolError,
+    ProtocolFeature,
+    SingleMemoryRegion,
+    VirtioFeature,
+    VringAddr,
+    VringFd,
+    VringState,
+    encode_ack,
+    encode_reply,
+)
+
+from .channel import BackendChannel, Channel, close_fds
+from .guestmem import AccessError, GuestMemory
+from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbMiss
+from .memory import MemoryError_
+from .memory import MemoryTable as RegionTable
+from .net import RxQueue, TxQueue
+from .virtqueue import MAX_QUEUE_SIZE, QueueError, SplitQueue
+from .vring import Vring, close_fd, drain, signal
+
+if TYPE_CHECKING:
+    from .port import Port
+
+log = logging.getLogger(__name__)
+
+R = FrontendRequest
+VF = VirtioFeature
+PF = ProtocolFeature
+
+MAX_MEM_SLOTS = 64
+MISS_TIMEOUT = 2.0
+"""Seconds a queue waits for the front-end to answer a MISS before giving up.
+
+QEMU answers a MISS within milliseconds when the guest mapped the address
+and never when it did not, so this bounds how long a bad address can park
+a queue, not how long a good one takes.
+"""
+
+OFFERED_PROTOCOL = (
+    PF.MQ
+    | PF.REPLY_ACK
+    | PF.RARP
+    | PF.MTU
+    | PF.BACKEND_REQ
+    | PF.CONFIGURE_MEM_SLOTS
+    | PF.STATUS
+    | PF.RESET_DEVICE
+)
+
+# Requests whose reply carries data: answered even without NEED_REPLY.
+WITH_BODY = frozenset(
+    {
+        R.GET_FEATURES,
+        R.GET_PROTOCOL_FEATURES,
+        R.GET_VRING_BASE,
+        R.GET_QUEUE_NUM,
+        R.GET_MAX_MEM_SLOTS,
+        R.GET_STATUS,
+    }
+)
+
+_RARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")
+
+
+class RequestFailed(Exception):
+    """A request that could not be honoured; ``kind`` is the metric label."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+class Session:
+    """The back-end side of one vhost-user connection."""
+
+    def __init__(self, port: Port, channel: Channel) -> None:
+        self.port = port
+        self.stats = port.stats
+        self.channel = channel
+        cfg = port.config
+        self.queue_pairs = cfg.queue_pairs
+        self.offered_features = port.offered_features()
+        self.offered_protocol = (
+            OFFERED_PROTOCOL if cfg.iommu else OFFERED_PROTOCOL & ~PF.BACKEND_REQ
+        )
+        self.features = 0
+        self.protocol_features = 0
+        self.status = 0
+        self.mtu = cfg.mtu
+        self.table = RegionTable(MAX_MEM_SLOTS)
+        self.iotlb: IoTlb | None = None
+        self.mem = GuestMemory(self.table)
+        self.backend: BackendChannel | None = None
+        self._misses: dict[tuple[int, int], float] = {}
+        self.iotlb_changed = trio.Event()
+        self.vrings = [Vring(i) for i in range(2 * self.queue_pairs)]
+        self._rx_ready: list[Vring] = []
+        self._dirty: dict[Vring, None] = {}
+        self._nursery: trio.Nursery | None = None
+        self.name = port.name
+        self.closing = False
+
+    # -- lifetime ----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it ends; always cleans up."""
+        self.stats.connections += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._read_main()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._teardown()
+            self.stats.disconnects += 1
+
+    async def _read_main(self) -> None:
+        handlers = self._handlers()
+        while True:
+            try:
+                async for msg in self.channel.messages():
+                    self.stats.requests += 1
+                    await self._dispatch(handlers, msg)
+                log.info("%s: front-end closed the connection", self.name)
+                return
+            except ProtocolError as exc:
+                close_fds(exc.fds)
+                self.stats.protocol_errors[exc.kind.value] += 1
+                if exc.fatal:
+                    log.error("%s: %s; closing the connection", self.name, exc)
+                    return
+                log.warning("%s: %s", self.name, exc)
+                if exc.need_reply and exc.code is not None and self._acks:
+                    await self.channel.send(encode_ack(R(exc.code), False))
+            except RequestFailed as exc:
+                log.error("%s: %s; closing the connection", self.name, exc)
+                return
+
+    async def _dispatch(
+        self, handlers: dict[FrontendRequest, Callable[[Message], Payload]], msg: Message
+    ) -> None:
+        code = msg.code
+        assert isinstance(code, FrontendRequest)
+        handler = handlers.get(code)
+        try:
+            if handler is None:
+                raise RequestFailed("unsupported_request", f"{code.name} is not supported")
+            reply = handler(msg)
+            ok = True
+        except RequestFailed as exc:
+            self.stats.protocol_errors[exc.kind] += 1
+            log.warning("%s: %s refused: %s", self.name, code.name, exc)
+            if code in WITH_BODY:
+                raise
+            reply, ok = None, False
+        finally:
+            close_fds(msg.fds)
+        if code in WITH_BODY:
+            await self.channel.send(encode_reply(code, reply))
+        elif msg.need_reply and self._acks:
+            await self.channel.send(encode_ack(code, ok))
+
+    @property
+    def _acks(self) -> bool:
+        return bool(self.protocol_features & PF.REPLY_ACK)
+
+    def _teardown(self) -> None:
+        self.port.detach(self)
+        for vring in self.vrings:
+            vring.stop()
+            vring.close_fds()
+        self._rx_ready.clear()
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if self.iotlb is not None:
+            self.iotlb.flush()
+        self.table.clear()
+        self.channel.close()
+
+    # -- request handlers --------------------------------------------------
+
+    def _handlers(self) -> dict[FrontendRequest, Callable[[Message], Payload]]:
+        return {
+            R.GET_FEATURES: lambda m: self.offered_features,
+            R.SET_FEATURES: self._set_features,
+            R.SET_OWNER: lambda m: None,
+            R.RESET_OWNER: self._reset_device,
+            R.GET_PROTOCOL_FEATURES: lambda m: self.offered_protocol,
+            R.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            R.SET_MEM_TABLE: self._set_mem_table,
+            R.ADD_MEM_REG: self._add_mem_reg,
+            R.REM_MEM_REG: self._rem_mem_reg,
+            R.GET_MAX_MEM_SLOTS: lambda m: MAX_MEM_SLOTS,
+            R.SET_VRING_NUM: self._set_vring_num,
+            R.SET_VRING_ADDR: self._set_vring_addr,
+            R.SET_VRING_BASE: self._set_vring_base,
+            R.GET_VRING_BASE: self._get_vring_base,
+            R.SET_VRING_KICK: self._set_vring_kick,
+            R.SET_VRING_CALL: self._set_vring_call,
+            R.SET_VRING_ERR: self._set_vring_err,
+            R.GET_QUEUE_NUM: lambda m: self.queue_pairs,
+            R.SET_VRING_ENABLE: self._set_vring_enable,
+            R.SEND_RARP: self._send_rarp,
+            R.NET_SET_MTU: self._net_set_mtu,
+            R.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            R.IOTLB_MSG: self._iotlb_msg,
+            R.RESET_DEVICE: self._reset_device,
+            R.SET_STATUS: self._set_status,
+            R.GET_STATUS: lambda m: self.status,
+        }
+
+    def _set_features(self, msg: Message) -> None:
+        value = _u64(msg)
+        extra = value & ~self.offered_features
+        if extra:
+            raise RequestFailed("bad_features", f"features {extra:#x} were not offered")
+        self.features = value
+        if value & VF.ACCESS_PLATFORM:
+            if self.iotlb is None:
+                self.iotlb = IoTlb(stats=self.stats.iotlb)
+            self.mem.iotlb = self.iotlb
+        else:
+            self.mem.iotlb = None
+        log.info(
+            "%s: features %#x%s", self.name, value, " (device IOTLB on)" if self.mem.iotlb else ""
+        )
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        value = _u64(msg)
+        extra = value & ~self.offered_protocol
+        if extra:
+            raise RequestFailed("bad_features", f"protocol features {extra:#x} were not offered")
+        self.protocol_features = value
+
+    def _memory_changing(self) -> None:
+        """Drop every view into guest memory before a region goes away."""
+        for vring in self.vrings:
+            q = vring.tx or vring.rx
+            if q is not None:
+                q.queue.drop_views()
+        if self.iotlb is not None:
+            self.iotlb.flush()
+            self.stats.iotlb_entries = 0
+
+    def _set_mem_table(self, msg: Message) -> None:
+        payload = msg.payload
+        assert isinstance(payload, MemoryTable)
+        self._memory_changing()
+        try:
+            self.table.replace(payload.regions, msg.fds)
+        except MemoryError_ as exc:
+            raise RequestFailed("bad_memory_table", str(exc)) from None
+        log.info(
+            "%s: memory table of %d region(s), %d MiB",
+            self.name,
+            len(self.table),
+            self.table.mapped_bytes >> 20,
+        )
+        self._kick_all()
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        payload = msg.payload
+        assert isinstance(payload, SingleMemoryRegion)
+        try:
+            self.table.add(payload.region, msg.fds[0])
+        except MemoryError_ as exc:
+            raise RequestFailed("bad_memory_region", str(exc)) from None
+        self._kick_all()
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        payload = msg.payload
+        assert isinstance(payload, SingleMemoryRegion)
+        self._memory_changing()
+        try:
+            self.table.remove(payload.region)
+        except MemoryError_ as exc:
+            raise RequestFailed("bad_memory_region", str(exc)) from None
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise RequestFailed(
+                "bad_vring_index", f"vring {index} out of range (0..{len(self.vrings) - 1})"
+            )
+        return self.vrings[index]
+
+    def _stopped_vring(self, msg: Message) -> tuple[Vring, int]:
+        payload = msg.payload
+        assert isinstance(payload, VringState | VringAddr)
+        vring = self._vring(payload.index)
+        if vring.started:
+            raise RequestFailed("vring_started", f"vring {vring.index} is running")
+        return vring, payload.num if isinstance(payload, VringState) else 0
+
+    def _set_vring_num(self, msg: Message) -> None:
+        vring, num = self._stopped_vring(msg)
+        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
+            raise RequestFailed("bad_vring_num", f"vring size {num} is not a power of 2 <= 32768")
+        vring.size = num
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        payload = msg.payload
+        assert isinstance(payload, VringAddr)
+        vring, _ = self._stopped_vring(msg)
+        if self.mem.iotlb is None and len(self.table) and vring.size:
+            for name, addr in (
+                ("desc", payload.desc),
+                ("avail", payload.avail),
+                ("used", payload.used),
+            ):
+                if self.table.uaddr_span(addr) == 0:
+                    raise RequestFailed(
+                        "bad_vring_addr", f"vring {vring.index} {name} {addr:#x} is not mapped"
+                    )
+        vring.addr = payload
+
+    def _set_vring_base(self, msg: Message) -> None:
+        vring, num = self._stopped_vring(msg)
+        vring.base = num & 0xFFFF
+
+    def _get_vring_base(self, msg: Message) -> VringState:
+        payload = msg.payload
+        assert isinstance(payload, VringState)
+        vring = self._vring(payload.index)
+        base = vring.next_avail
+        self._stop_vring(vring)
+        vring.base = base
+        close_fd(vring.kick)
+        vring.kick = None
+        if self.iotlb is not None:
+            self.iotlb.flush()
+            self.stats.iotlb_entries = 0
+        return VringState(vring.index, base)
+
+    def _vring_fd(self, msg: Message) -> tuple[Vring, int | None]:
+        payload = msg.payload
+        assert isinstance(payload, VringFd)
+        vring = self._vring(payload.index)
+        fd = None if payload.no_fd else msg.fds.pop()
+        return vring, fd
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        vring, fd = self._vring_fd(msg)
+        if fd is None:
+            raise RequestFailed("polling_unsupported", f"vring {vring.index}: no kick fd")
+        self._stop_vring(vring)
+        close_fd(vring.kick)
+        vring.kick = fd
+        self._start_vring(vring)
+
+    def _set_vring_call(self, msg: Message) -> None:
+        vring, fd = self._vring_fd(msg)
+        close_fd(vring.call)
+        vring.call = fd
+
+    def _set_vring_err(self, msg: Message) -> None:
+        vring, fd = self._vring_fd(msg)
+        close_fd(vring.err)
+        vring.err = fd
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        payload = msg.payload
+        assert isinstance(payload, VringState)
+        vring = self._vring(payload.index)
+        vring.enabled = bool(payload.num)
+        self._update_rx_ready()
+        signal(vring.kick)
+
+    def _send_rarp(self, msg: Message) -> None:
+        mac = _u64(msg).to_bytes(8, "little")[:6]
+        frame = _RARP.pack(
+            b"\xff" * 6, mac, 0x8035, 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4)
+        )
+        self.port.forward(self, memoryview(frame))
+        self.port.flush()
+
+    def _net_set_mtu(self, msg: Message) -> None:
+        mtu = _u64(msg)
+        if not 68 <= mtu <= 65535:
+            raise RequestFailed("bad_mtu", f"MTU {mtu} outside 68..65535")
+        self.mtu = mtu
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend = BackendChannel(msg.fds.pop())
+        assert self._nursery is not None
+        self._nursery.start_soon(self.backend.drain)
+
+    def _iotlb_msg(self, msg: Message) -> None:
+        m = msg.payload
+        assert isinstance(m, IotlbMsg)
+        iotlb = self.iotlb
+        if iotlb is None or self.mem.iotlb is None:
+            raise RequestFailed("iotlb_not_negotiated", "IOTLB message without ACCESS_PLATFORM")
+        if m.size == 0 or m.iova + m.size > ADDRESS_LIMIT:
+            raise RequestFailed("bad_iotlb_range", f"IOTLB range {m.iova:#x}+{m.size:#x}")
+        if m.type == IotlbType.UPDATE:
+            if not IotlbPerm.NONE < m.perm <= IotlbPerm.RW:
+                raise RequestFailed("bad_iotlb_perm", f"IOTLB update with perm {int(m.perm)}")
+            if self.table.uaddr_span(m.uaddr) == 0:
+                raise RequestFailed(
+                    "bad_iotlb_uaddr", f"IOTLB update to {m.uaddr:#x}, outside the memory table"
+                )
+            iotlb.update(m.iova, m.size, m.uaddr, m.perm)
+            self._misses_answered(m.iova, m.size)
+            self.iotlb_changed.set()
+            self.iotlb_changed = trio.Event()
+        elif m.type == IotlbType.INVALIDATE:
+            iotlb.invalidate(m.iova, m.size)
+        else:
+            raise RequestFailed("bad_iotlb_type", f"IOTLB message of type {m.type.name}")
+        self.stats.iotlb_entries = len(iotlb)
+
+    def _set_status(self, msg: Message) -> None:
+        status = _u64(msg)
+        if status == 0:
+            self._reset_rings()
+        self.status = status
+
+    def _reset_device(self, msg: Message) -> None:
+        self._reset_rings()
+        self.status = 0
+        self.features = 0
+        self.mem.iotlb = None
+
+    def _reset_rings(self) -> None:
+        for vring in self.vrings:
+            self._stop_vring(vring)
+            vring.close_fds()
+            vring.enabled = vring.started = False
+            vring.failed = None
+            vring.base = 0
+        if self.iotlb is not None:
+            self.iotlb.flush()
+        self._misses.clear()
+
+    # -- rings -------------------------------------------------------------
+
+    def _start_vring(self, vring: Vring) -> None:
+        if vring.addr is None or not vring.size:
+            log.warning("%s: vring %d kicked before its size and addresses", self.name, vring.index)
+            return
+        features = self.features
+        queue = SplitQueue(
+            vring.index,
+            vring.size,
+            self.mem,
+            desc_addr=vring.addr.desc,
+            avail_addr=vring.addr.avail,
+            used_addr=vring.addr.used,
+            base=vring.base,
+            event_idx=bool(features & VF.RING_EVENT_IDX),
+            indirect=bool(features & VF.RING_INDIRECT_DESC),
+        )
+        stats = self.stats.queue(vring.index)
+        if vring.is_rx:
+            vring.rx = RxQueue(queue, features, stats)
+        else:
+            vring.tx = TxQueue(queue, features, self.mtu + 18, stats)
+        vring.started = True
+        vring.failed = None
+        if not features & VF.PROTOCOL_FEATURES:
+            vring.enabled = True
+        vring.scope = trio.CancelScope()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._ring_task, vring, vring.scope)
+        self._update_rx_ready()
+        if vring.index == 0:
+            self.port.attach(self)
+
+    def _stop_vring(self, vring: Vring) -> None:
+        vring.stop()
+        self._dirty.pop(vring, None)
+        self._update_rx_ready()
+
+    def _update_rx_ready(self) -> None:
+        self._rx_ready = [
+            v for v in self.vrings if v.is_rx and v.rx is not None and v.enabled and v.running
+        ]
+
+    def _kick_all(self) -> None:
+        for vring in self.vrings:
+            if vring.started:
+                signal(vring.kick)
+
+    def _fail(self, vring: Vring, kind: str, detail: str) -> None:
+        """Stop one broken ring; the rest of the port and the daemon go on."""
+        self.stats.queue_faults[kind] += 1
+        log.error("%s: vring %d stopped: %s", self.name, vring.index, detail)
+        vring.failed = detail
+        self.status |= DeviceStatus.DEVICE_NEEDS_RESET
+        signal(vring.err)
+        self._update_rx_ready()
+        q = vring.rx
+        if q is not None:
+            self.stats.queue(vring.index).dropped += len(q.backlog)
+            q.backlog.clear()
+
+    async def _ring_task(self, vring: Vring, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await self._run_ring(vring)
+            except QueueError as exc:
+                self._fail(vring, exc.fault.value, str(exc))
+            except IotlbDenied as exc:
+                self.stats.blocked_accesses += 1
+                await self._access_failed(exc.iova, exc.need)
+                self._fail(vring, "iotlb_denied", str(exc))
+            except AccessError as exc:
+                self._fail(vring, "access_error", str(exc))
+
+    async def _run_ring(self, vring: Vring) -> None:
+        """Process the ring whenever it is kicked, until cancelled or broken."""
+        q = vring.tx or vring.rx
+        assert q is not None and vring.kick is not None
+        kick, queue, stats = vring.kick, q.queue, q.stats
+        await self._translated(vring, queue.sync_from_used)
+        work = self._rx_round if vring.is_rx else self._tx_round
+        while True:
+            if await self._translated(vring, lambda: work(vring)):
+                await trio.lowlevel.checkpoint()
+                continue
+            more = await self._translated(vring, queue.want_kicks)
+            if more and (vring.tx is not None or (vring.rx is not None and vring.rx.backlog)):
+                continue
+            await trio.lowlevel.wait_readable(kick)
+            drain(kick)
+            stats.kicks += 1
+            queue.suppress_kicks()
+
+    async def _translated(self, vring: Vring, step: Callable[[], bool]) -> bool:
+        """Run ``step``; on an IOTLB miss, ask the front-end and run it again.
+
+        The step leaves the ring consistent when it raises (chains taken so far
+        are published, the missing one is not taken), so running it again
+        resumes exactly where it stopped: no packet is lost to a miss.
+        """
+        while True:
+            try:
+                return step()
+            except IotlbMiss as miss:
+                await self._resolve_miss(vring, miss)
+
+    async def _resolve_miss(self, vring: Vring, miss: IotlbMiss) -> None:
+        """Send one MISS per page and wait, bounded, for the UPDATE."""
+        key = (miss.page(), int(miss.perm))
+        sent = self._misses.get(key)
+        if sent is None:
+            backend = self.backend
+            sent = trio.current_time()
+            if backend is None or not await backend.send_iotlb(
+                IotlbType.MISS, miss.iova, miss.perm
+            ):
+                raise AccessError(f"IOTLB miss at {miss.iova:#x} and no back-end channel")
+            self._misses[key] = sent
+            self.stats.iotlb_miss_sent += 1
+        with trio.move_on_at(sent + MISS_TIMEOUT):
+            await self.iotlb_changed.wait()
+            return
+        self._misses.pop(key, None)
+        self.stats.iotlb_miss_timeouts += 1
+        await self._access_failed(miss.iova, miss.perm)
+        raise AccessError(f"IOTLB miss at iova {miss.iova:#x} unanswered for {MISS_TIMEOUT}s")
+
+    def _misses_answered(self, iova: int, size: int) -> None:
+        if not self._misses:
+            return
+        end = iova + size
+        now = trio.current_time()
+        for key in [k for k in self._misses if k[0] < end and k[0] + 4096 > iova]:
+            self.stats.iotlb_miss_time.observe(now - self._misses.pop(key))
+
+    async def _access_failed(self, iova: int, perm: IotlbPerm) -> None:
+        self.stats.access_failures += 1
+        if self.backend is not None:
+            await self.backend.send_iotlb(IotlbType.ACCESS_FAIL, iova, perm)
+
+    def _interrupt(self, vring: Vring, queue: SplitQueue) -> None:
+        q = vring.tx or vring.rx
+        assert q is not None
+        if queue.needs_interrupt():
+            if signal(vring.call):
+                q.stats.interrupts += 1
+        else:
+            q.stats.suppressed += 1
+
+    def _tx_round(self, vring: Vring) -> bool:
+        tx = vring.tx
+        assert tx is not None
+        port = self.port
+        port.tick()
+        taken = 0
+        try:
+            taken = tx.burst(self._sink if vring.enabled else None)
+        finally:
+            port.flush()
+            if tx.queue.published:
+                self._interrupt(vring, tx.queue)
+        return taken > 0
+
+    def _rx_round(self, vring: Vring) -> bool:
+        rx = vring.rx
+        assert rx is not None
+        if not rx.backlog or not vring.enabled:
+            return False
+        done = 0
+        try:
+            done = rx.flush_backlog()
+        finally:
+            rx.queue.publish()
+            if rx.queue.published:
+                self._interrupt(vring, rx.queue)
+        return done > 0 and bool(rx.backlog)
+
+    # -- the switch side -----------------------------------------------------
+
+    def _sink(self, frame: memoryview) -> None:
+        self.port.forward(self, frame)
+
+    def send(self, frame: memoryview | bytes | bytearray) -> None:
+        """Deliver a frame to this guest (the switch's Endpoint interface)."""
+        ready = self._rx_ready
+        if not ready:
+            self.stats.rx_not_ready += 1
+            return
+        vring = ready[(frame[5] ^ frame[11]) % len(ready)] if len(ready) > 1 else ready[0]
+        rx = vring.rx
+        assert rx is not None
+        if not rx.backlog:
+            try:
+                rx.queue.refresh()
+                if rx.deliver(frame):
+                    self._dirty[vring] = None
+                    return
+            except IotlbMiss:
+                pass
+            except IotlbDenied as exc:
+                self.stats.blocked_accesses += 1
+                self.stats.access_failures += 1
+                self._fail(vring, "iotlb_denied", str(exc))
+                return
+            except (QueueError, AccessError) as exc:
+                kind = exc.fault.value if isinstance(exc, QueueError) else "access_error"
+                self._fail(vring, kind, str(exc))
+                return
+        rx.enqueue(frame)
+        signal(vring.kick)
+
+    def flush(self) -> None:
+        """Publish what ``send`` delivered and interrupt the guest once per burst."""
+        dirty = self._dirty
+        if dirty:
+            for vring in dirty:
+                rx = vring.rx
+                if rx is not None and vring.failed is None:
+                    rx.queue.publish()
+                    self._interrupt(vring, rx.queue)
+            dirty.clear()
+
+
+def _u64(msg: Message) -> int:
+    payload = msg.payload
+    assert isinstance(payload, int)
+    return payload
