@@ -64,10 +64,12 @@ class Framer:
     code; they are accepted only with `expect_replies=True` (the reading side of whoever sends
     requests on that channel), otherwise they are skipped with a non-fatal bad_flags error.
 
-    Fds: SCM_RIGHTS on a stream socket attaches fds to the first byte of the sendmsg() that
-    carried them, so fds that arrive with a chunk belong to the first message whose header starts
-    at or after the chunk's first byte. Every fd leaves the framer exactly once: in a Message, in
-    a ProtocolError, or from `pending_fds()`; the caller closes those it does not keep.
+    Fds: each sender writes one message per sendmsg(), and Linux ends a stream read right after
+    the segment that carried fds (it never glues data from after it). So the fds returned by one
+    read belong to the message holding the read's last byte: with a read of [A][B+fds] they are
+    B's, not A's; with a read that stops inside B they are still B's. Every fd leaves the framer
+    exactly once: in a Message, in a ProtocolError, or from `pending_fds()`; the caller closes
+    those it does not keep.
     """
 
     __slots__ = ("_base", "_buf", "_expect_replies", "_failure", "_fd_groups", "_pos", "_rules")
@@ -92,7 +94,8 @@ class Framer:
     def receive_data(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Add a chunk as received, with the fds that came with it."""
         if fds:
-            self._fd_groups.append((self._base + len(self._buf), list(fds)))
+            last = self._base + len(self._buf) + max(len(data) - 1, 0)
+            self._fd_groups.append((last, list(fds)))
         if self._failure is not None:
             return  # the stream is dead; only the fds are kept, for the caller to close
         if self._pos:
@@ -124,7 +127,7 @@ class Framer:
             return None
 
         # The whole message is here: consume it, so that any error below skips just this one.
-        fds = self._claim_fds(self._base + pos)
+        fds = self._claim_fds(self._base + end)
         self._pos = end
         rule = self._rules.get(code)
         if rule is None:
@@ -167,12 +170,13 @@ class Framer:
         self._fd_groups.clear()
         return fds
 
-    def _claim_fds(self, start: int) -> list[int]:
+    def _claim_fds(self, end: int) -> list[int]:
+        """The fds whose read ended inside (or before) the message ending at ``end``."""
         groups = self._fd_groups
-        if not groups or groups[0][0] > start:
+        if not groups or groups[0][0] >= end:
             return []
         fds: list[int] = []
-        while groups and groups[0][0] <= start:
+        while groups and groups[0][0] < end:
             fds += groups.popleft()[1]
         return fds
 

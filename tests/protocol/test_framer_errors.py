@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import feed, h
+from conftest import drain, feed, h
 
 from protocol import (
     MAX_PAYLOAD,
@@ -14,12 +14,15 @@ from protocol import (
     HeaderFlag,
     Message,
     ProtocolError,
+    VringFd,
     VringState,
 )
 
 F = FrontendRequest
 GET_FEATURES = h("01000000 01000000 00000000")
 OK = Message(F.GET_FEATURES, HeaderFlag.VERSION, None, [])
+CALL1 = h("0d000000 01000000 08000000 0100000000000000")  # SET_VRING_CALL 1, one fd
+CALL1_MSG = Message(F.SET_VRING_CALL, HeaderFlag.VERSION, VringFd(1, False), [99])
 
 
 def raises(framer: Framer) -> ProtocolError:
@@ -29,9 +32,18 @@ def raises(framer: Framer) -> ProtocolError:
 
 
 def skipped(wire: bytes, fds: list[int] | None = None, **kw: bool) -> ProtocolError:
-    """Feed a bad message followed by a good one: the error is non-fatal and framing goes on."""
+    """Feed a bad message followed by a good one: the error is non-fatal and framing goes on.
+
+    Both arrive before the first next_message(). Without fds they come in one chunk; with fds the
+    bad message's chunk ends at its last byte, as Linux delivers it (a read stops right after the
+    data that carried fds), and the good message follows in a chunk of its own.
+    """
     framer = Framer(F, **kw)
-    framer.receive_data(wire + GET_FEATURES, fds or [])
+    if fds:
+        framer.receive_data(wire, fds)
+        framer.receive_data(GET_FEATURES)
+    else:
+        framer.receive_data(wire + GET_FEATURES)
     error = raises(framer)
     assert not error.fatal
     assert error.fds == (fds or [])
@@ -178,14 +190,21 @@ def test_requests_still_parse_when_replies_are_expected() -> None:
     ],
 )
 def test_unexpected_missing_or_extra_fds(wire: str, fds: list[int]) -> None:
-    # (A message without fds must not swallow those of the following message.)
+    # The next message carries an fd of its own. A message without fds must not swallow it (they
+    # share a chunk, as Linux may deliver them), and extra fds must not leak into it (the bad
+    # message's fds end its chunk, as Linux delivers them).
     wire_bytes = h(wire)
     framer = Framer(F)
-    framer.receive_data(wire_bytes, fds)
+    if fds:
+        framer.receive_data(wire_bytes, fds)
+        framer.receive_data(CALL1, [99])
+    else:
+        framer.receive_data(wire_bytes + CALL1, [99])
     error = raises(framer)
     assert error.kind is ErrorKind.BAD_FDS and not error.fatal
     assert error.fds == fds
-    assert feed(framer, GET_FEATURES) == [OK]
+    assert drain(framer) == [CALL1_MSG]
+    assert framer.pending_fds() == []
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Hypothesis round trips: encode -> arbitrary chunking -> Framer gives back equal messages."""
+"""Hypothesis round trips: encode -> chunking as Linux may deliver it -> Framer gives back equal
+messages."""
 
 from __future__ import annotations
 
@@ -106,26 +107,53 @@ def reply(draw: st.DrawFn, codes: type[FrontendRequest] | type[BackendRequest]) 
     return encode_reply(code, payload), Message(code, flags, payload, fds)
 
 
-def replay(framer: Framer, wires: list[Wire], cuts: list[int]) -> list[Message]:
-    """Send the stream cut at `cuts` plus at each fd-carrying message start, fds on that chunk."""
-    starts: dict[int, list[int]] = {}
+Chunk = tuple[bytes, list[int]]
+CUTS = st.lists(st.integers(0, 100_000), max_size=20)
+
+
+@st.composite
+def linux_reads(draw: st.DrawFn, wires: list[Wire]) -> list[Chunk]:
+    """Cut the stream into reads the way a Linux unix stream socket may return it.
+
+    Each message is one sendmsg() and its fds ride on its first byte. A read may stop anywhere,
+    and may glue any fd-less data, except that the read that returns a message's fds (the one
+    holding its first byte) stops at the latest at that message's last byte. Later reads, which
+    start inside or after it, may again run on into the following messages.
+    """
     stream = b""
+    fd_messages: list[tuple[int, int, list[int]]] = []  # (start, end, fds)
+    boundaries: list[int] = []
     for data, msg in wires:
         if msg.fds:
-            starts[len(stream)] = msg.fds
+            fd_messages.append((len(stream), len(stream) + len(data), msg.fds))
+        boundaries.append(len(stream))
         stream += data
-    points = sorted({0, len(stream), *starts, *(c % (len(stream) + 1) for c in cuts)})
+    cuts = {0, len(stream), *(c % (len(stream) + 1) for c in draw(CUTS))}
+    cuts |= {b for b in boundaries if draw(st.booleans())}  # reads often start on a message
+    for start, _, _ in fd_messages:
+        if start and draw(st.booleans()):
+            cuts.discard(start)  # its read glues data before it (at least the previous tail)
+    for start, end, _ in fd_messages:
+        cuts.add(start + draw(st.integers(1, end - start)))  # its read stops inside or at the end
+    reads: list[Chunk] = []
+    assert b"".join(stream[a:b] for a, b in pairwise(sorted(cuts))) == stream
+    for a, b in pairwise(sorted(cuts)):
+        owners = [(end, fds) for start, end, fds in fd_messages if a <= start < b]
+        assert len(owners) <= 1 and all(b <= end for end, _ in owners)  # Linux stopped the read
+        reads.append((stream[a:b], owners[0][1] if owners else []))
+    return reads
+
+
+def replay(framer: Framer, reads: list[Chunk]) -> list[Message]:
+    """Feed the reads, fds on theirs, draining after each; then end the stream cleanly."""
     out: list[Message] = []
-    for a, b in pairwise(points):
-        framer.receive_data(stream[a:b], starts.get(a, []))
+    for data, fds in reads:
+        framer.receive_data(data, fds)
         while (msg := framer.next_message()) is not None:
             out.append(msg)
     framer.eof()
     assert framer.pending_fds() == []
     return out
-
-
-CUTS = st.lists(st.integers(0, 100_000), max_size=20)
 
 
 @pytest.mark.parametrize("codes", [FrontendRequest, BackendRequest])
@@ -134,7 +162,7 @@ def test_requests_round_trip(
     codes: type[FrontendRequest] | type[BackendRequest], data: st.DataObject
 ) -> None:
     wires = data.draw(st.lists(request(codes), min_size=1, max_size=8))
-    got = replay(Framer(codes), wires, data.draw(CUTS))
+    got = replay(Framer(codes), data.draw(linux_reads(wires)))
     assert got == [msg for _, msg in wires]
 
 
@@ -144,7 +172,7 @@ def test_replies_round_trip(
     codes: type[FrontendRequest] | type[BackendRequest], data: st.DataObject
 ) -> None:
     wires = data.draw(st.lists(reply(codes), min_size=1, max_size=8))
-    got = replay(Framer(codes, expect_replies=True), wires, data.draw(CUTS))
+    got = replay(Framer(codes, expect_replies=True), data.draw(linux_reads(wires)))
     assert got == [msg for _, msg in wires]
 
 
