@@ -1,0 +1,157 @@
+"""The guest's /init script, kept as text so its hash keys the initramfs cache.
+
+The guest is driven entirely by `vhd.<key>=<value>` words on the kernel command line
+(dotted names are not handed to init as environment variables, so they cannot collide
+with anything the kernel or busybox uses). Every outcome is printed as a `VHOSTD-...`
+marker line on the serial console; `tests.lab.qemu.GuestResult` parses them.
+
+TCP integrity framing (shared with `tests.lab.netns.tcp_peer`): a stream is SIZE random
+bytes followed by the 32 hex digits of their md5 and a newline, so the receiver can
+check integrity without both ends agreeing on a seed.
+"""
+
+from __future__ import annotations
+
+MARKER_PREFIX = "VHOSTD-"
+
+INIT_SCRIPT = r"""#!/bin/sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /tmp
+
+P_role=idle; P_ip=10.0.0.1/24; P_peer=10.0.0.2; P_mtu=1500; P_count=5; P_interval=0.2
+P_size=8388608; P_port=5201; P_timeout=120; P_quiet=1
+for w in $(cat /proc/cmdline); do
+  case "$w" in
+    vhd.*=*) k=${w%%=*}; k=${k#vhd.}; v=${w#*=}
+      case "$k" in *[!a-z_]*) ;; *) eval "P_$k=\$v" ;; esac ;;
+  esac
+done
+
+mark() { echo "VHOSTD-$*"; }
+FAIL=""
+fail() { [ -z "$FAIL" ] && FAIL="$*"; mark "ERROR $*"; }
+finish() {
+  n=$(dmesg | grep -c 'DMAR:.*fault reason')
+  mark "DMAR faults=$n"
+  if [ "$n" != 0 ]; then dmesg | grep 'DMAR:' | tail -n 5; fi
+  if [ -z "$FAIL" ]; then mark "RESULT PASS"; else mark "RESULT FAIL $FAIL"; dmesg | tail -n 30; fi
+  sync
+  echo o > /proc/sysrq-trigger
+  sleep 5
+  exit 0
+}
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+mark "BOOT uptime=$(uptime_s) role=$P_role"
+[ "$P_quiet" = 1 ] && dmesg -n 1
+for m in $(cat /etc/modules.order); do
+  insmod "/lib/modules/$m" || fail "insmod $m"
+done
+
+i=0
+while [ ! -e /sys/class/net/eth0 ]; do
+  i=$((i+1)); [ $i -gt 100 ] && { fail "no eth0"; finish; }
+  sleep 0.1
+done
+ip link set lo up
+ip link set eth0 mtu "$P_mtu" || fail "mtu $P_mtu"
+ip addr add "$P_ip" dev eth0
+ip link set eth0 up
+mark "NET ip=$P_ip mac=$(cat /sys/class/net/eth0/address) mtu=$(cat /sys/class/net/eth0/mtu)"
+mark "READY uptime=$(uptime_s)"
+
+# Waits until the peer answers (it may boot later than us); the measured run comes after.
+wait_peer() {
+  end=$(( $(cut -d. -f1 /proc/uptime) + P_timeout ))
+  while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+    ping -c 1 -W 1 "$P_peer" >/dev/null 2>&1 && { mark "PEER up uptime=$(uptime_s)"; return 0; }
+  done
+  fail "peer $P_peer unreachable"; return 1
+}
+
+do_ping() {
+  out=$(ping -c "$P_count" -i "$P_interval" -W 5 "$P_peer" 2>&1)
+  echo "$out" | tail -n 3
+  loss=$(echo "$out" | sed -n 's/.* \([0-9.]*\)% packet loss.*/\1/p')
+  [ -z "$loss" ] && loss=100
+  mark "PING loss=$loss"
+  [ "$loss" = 0 ] || fail "ping loss $loss%"
+}
+
+make_payload() {
+  head -c "$P_size" /dev/urandom > /tmp/tx
+  md5sum /tmp/tx | cut -c1-32 >> /tmp/tx
+}
+
+# Prints the payload size of a received stream, or -1 when its md5 trailer does not match.
+check_payload() {
+  total=$(stat -c %s "$1")
+  n=$((total - 33))
+  [ "$n" -lt 0 ] && { echo -1; return; }
+  want=$(tail -c 33 "$1" | head -c 32)
+  have=$(head -c "$n" "$1" | md5sum | cut -c1-32)
+  if [ "$want" = "$have" ]; then echo "$n"; else echo -1; fi
+}
+
+# Receivers keep stdin open on a fifo: busybox nc exits as soon as the socket hits EOF,
+# and a receiver whose stdin ended would half-close and make the sender quit early.
+recv_stdin() { mkfifo "$1"; }
+
+report_tcp() {
+  r=$(check_payload /tmp/rx)
+  ok=0; [ "$r" = "$P_size" ] && ok=1
+  [ "$r" -lt 0 ] && r=$(stat -c %s /tmp/rx)
+  mark "TCP sent=$P_size recv=$r md5_ok=$ok elapsed=$1"
+  [ "$ok" = 1 ] || fail "tcp integrity"
+}
+
+tcp_server() {
+  make_payload; recv_stdin /tmp/hold
+  t0=$(cut -d. -f1 /proc/uptime)
+  mark "TCP listening port=$P_port"
+  timeout "$P_timeout" nc -l -p "$P_port" > /tmp/rx 0<>/tmp/hold &
+  a=$!
+  timeout "$P_timeout" nc -l -p $((P_port + 1)) < /tmp/tx > /dev/null &
+  b=$!
+  wait $a || fail "tcp recv (server) status $?"
+  wait $b || fail "tcp send (server) status $?"
+  report_tcp $(( $(cut -d. -f1 /proc/uptime) - t0 ))
+}
+
+# Retries until the connection is made: the server guest may still be booting.
+nc_retry() {
+  end=$(( $(cut -d. -f1 /proc/uptime) + P_timeout ))
+  while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+    if timeout "$P_timeout" nc -w 2 "$@"; then return 0; fi
+    sleep 1
+  done
+  return 1
+}
+
+tcp_client() {
+  make_payload; recv_stdin /tmp/hold
+  wait_peer || return
+  do_ping
+  t0=$(cut -d. -f1 /proc/uptime)
+  nc_retry "$P_peer" "$P_port" < /tmp/tx > /dev/null &
+  a=$!
+  nc_retry "$P_peer" $((P_port + 1)) > /tmp/rx 0<>/tmp/hold &
+  b=$!
+  wait $a || fail "tcp send (client) status $?"
+  wait $b || fail "tcp recv (client) status $?"
+  report_tcp $(( $(cut -d. -f1 /proc/uptime) - t0 ))
+}
+
+case "$P_role" in
+  ping) wait_peer && do_ping ;;
+  tcp-server) tcp_server ;;
+  tcp-client) tcp_client ;;
+  idle|serve) mark "SERVING timeout=$P_timeout"; sleep "$P_timeout" ;;
+  *) fail "unknown role $P_role" ;;
+esac
+finish
+"""
