@@ -87,7 +87,7 @@ class Channel:
             try:
                 data, ancdata, flags, _ = await self.sock.recvmsg(RECV_SIZE, _ANC_SIZE)
             except OSError as exc:
-                log.debug("channel read failed: %s", exc)
+                log.warning("channel read failed: %r", exc)
                 data, ancdata, flags = b"", [], 0
             fds = _fds_from(ancdata)
             if flags & socket.MSG_CTRUNC:

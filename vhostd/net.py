@@ -42,6 +42,7 @@ BASE_FEATURES = (
     | VF.NET_STATUS
     | VF.NET_MQ
     | VF.NET_CTRL_VQ
+    | VF.IN_ORDER
     | VF.PROTOCOL_FEATURES
 )
 

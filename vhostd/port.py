@@ -180,6 +180,12 @@ class Port:
         self.session = session
         try:
             await session.run()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.warning("%s: connection lost: %s", self.name, exc)
+        except Exception:
+            # A bug must cost one connection, never the daemon and its other ports.
+            self.stats.protocol_errors["internal_error"] += 1
+            log.exception("%s: session failed", self.name)
         finally:
             self.session = None
             log.info("%s: front-end disconnected", self.name)

@@ -174,6 +174,8 @@ class Session:
         code = msg.code
         assert isinstance(code, FrontendRequest)
         handler = handlers.get(code)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: <- %s %s fds=%d", self.name, code.name, msg.payload, len(msg.fds))
         try:
             if handler is None:
                 raise RequestFailed("unsupported_request", f"{code.name} is not supported")
@@ -317,11 +319,18 @@ class Session:
         return self.vrings[index]
 
     def _stopped_vring(self, msg: Message) -> tuple[Vring, int]:
+        """The vring a NUM/ADDR/BASE request names, stopped first if running.
+
+        DPDK's virtio-user repeats the whole ring setup on a live connection
+        (after DRIVER_OK, when the application enables offloads), so a ring
+        being reconfigured is stopped here and restarts on the next kick.
+        """
         payload = msg.payload
         assert isinstance(payload, VringState | VringAddr)
         vring = self._vring(payload.index)
         if vring.started:
-            raise RequestFailed("vring_started", f"vring {vring.index} is running")
+            vring.base = vring.next_avail
+            self._stop_vring(vring)
         return vring, payload.num if isinstance(payload, VringState) else 0
 
     def _set_vring_num(self, msg: Message) -> None:

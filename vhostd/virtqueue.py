@@ -174,7 +174,7 @@ class SplitQueue:
         if n > self.size:
             raise QueueError(
                 QueueFault.AVAIL_JUMP,
-                f"avail index moved {n} entries ahead of {self.last_avail} on a ring of {self.size}",
+                f"avail index moved {n} past {self.last_avail} on a ring of {self.size}",
             )
         return n
 
