@@ -68,7 +68,7 @@ class GuestMemory:
             if iotlb is None:
                 return self.table.gpa_view(addr, size)
             return self.table.uaddr_view(iotlb.translate(addr, size, perm), size)
-        except (AddressFault, IotlbDiscontiguous) as exc:
+        except (AddressFault, IotlbDiscontiguous, ValueError) as exc:
             raise OutsideMemory(str(exc)) from None
 
     def buffer_segments(self, addr: int, size: int, perm: IotlbPerm) -> list[memoryview]:
@@ -98,7 +98,7 @@ class GuestMemory:
                     uaddr += n
                     length -= n
             return out
-        except AddressFault as exc:
+        except (AddressFault, ValueError) as exc:
             raise OutsideMemory(str(exc)) from None
 
     def ring(self, addr: int, size: int, perm: IotlbPerm) -> memoryview:
@@ -108,5 +108,5 @@ class GuestMemory:
             if iotlb is None:
                 return self.table.uaddr_view(addr, size)
             return self.table.uaddr_view(iotlb.translate(addr, size, perm), size)
-        except (AddressFault, IotlbDiscontiguous) as exc:
+        except (AddressFault, IotlbDiscontiguous, ValueError) as exc:
             raise OutsideMemory(str(exc)) from None
