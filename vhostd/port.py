@@ -24,7 +24,7 @@ from protocol import FrontendRequest, VirtioFeature
 from .channel import Channel
 from .config import PortConfig, PortMode
 from .net import BASE_FEATURES, Frame
-from .session import Session
+from .session import MISS_TIMEOUT, Session
 from .stats import PortStats
 from .switch import Switch
 
@@ -55,6 +55,8 @@ class Port:
         self.switch = switch
         self.stats = PortStats()
         self.session: Session | None = None
+        self.miss_timeout = MISS_TIMEOUT
+        """Seconds a MISS may stay unanswered; tests shorten it, sessions copy it."""
         self.listener: trio.socket.SocketType | None = None
         self._inherited = False
         self._forward: Callable[[Session, Frame], None] = {

@@ -125,6 +125,7 @@ class Session:
         self.backend: BackendChannel | None = None
         self._misses: dict[tuple[int, int], float] = {}
         self.iotlb_changed = trio.Event()
+        self.miss_timeout = port.miss_timeout
         self.vrings = [Vring(i) for i in range(2 * self.queue_pairs)]
         self._rx_ready: list[Vring] = []
         self._dirty: dict[Vring, None] = {}
@@ -596,13 +597,13 @@ class Session:
                 raise AccessError(f"IOTLB miss at {miss.iova:#x} and no back-end channel")
             self._misses[key] = sent
             self.stats.iotlb_miss_sent += 1
-        with trio.move_on_at(sent + MISS_TIMEOUT):
+        with trio.move_on_at(sent + self.miss_timeout):
             await self.iotlb_changed.wait()
             return
         self._misses.pop(key, None)
         self.stats.iotlb_miss_timeouts += 1
         await self._access_failed(miss.iova, miss.perm)
-        raise AccessError(f"IOTLB miss at iova {miss.iova:#x} unanswered for {MISS_TIMEOUT}s")
+        raise AccessError(f"IOTLB miss at iova {miss.iova:#x} unanswered for {self.miss_timeout}s")
 
     def _misses_answered(self, iova: int, size: int) -> None:
         if not self._misses:
