@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from .port import Port
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 R = FrontendRequest
 VF = VirtioFeature
@@ -571,7 +572,7 @@ class Session:
             stats.kicks += 1
             queue.suppress_kicks()
 
-    async def _translated(self, vring: Vring, step: Callable[[], bool]) -> bool:
+    async def _translated(self, vring: Vring, step: Callable[[], T]) -> T:
         """Run ``step``; on an IOTLB miss, ask the front-end and run it again.
 
         The step leaves the ring consistent when it raises (chains taken so far

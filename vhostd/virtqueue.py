@@ -161,7 +161,7 @@ class SplitQueue:
         index, DPDK's virtio-user sends 0); the ring itself is the truth.
         """
         self.refresh()
-        used = U16.unpack_from(self._used, 2)[0]
+        used: int = U16.unpack_from(self._used, 2)[0]
         self.last_used = self.last_avail = used
         self.signalled_valid = False
         return used
@@ -170,7 +170,7 @@ class SplitQueue:
 
     def available(self) -> int:
         """How many chains the driver has made available and we have not taken."""
-        n = (U16.unpack_from(self._avail, 2)[0] - self.last_avail) & 0xFFFF
+        n: int = (U16.unpack_from(self._avail, 2)[0] - self.last_avail) & 0xFFFF
         if n > self.size:
             raise QueueError(
                 QueueFault.AVAIL_JUMP,
@@ -181,7 +181,7 @@ class SplitQueue:
     def head(self, nth: int = 0) -> int:
         """The head descriptor of the ``nth`` not-yet-taken available chain."""
         slot = (self.last_avail + nth) % self.size
-        head = U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        head: int = U16.unpack_from(self._avail, 4 + 2 * slot)[0]
         if head >= self.size:
             raise QueueError(QueueFault.HEAD_RANGE, f"head {head} >= queue size {self.size}")
         return head
@@ -282,9 +282,10 @@ class SplitQueue:
         if self.event_idx:
             if not valid:
                 return True
-            event = U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+            event: int = U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
             return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+        flags: int = U16.unpack_from(self._avail, 0)[0]
+        return not flags & AVAIL_F_NO_INTERRUPT
 
     def want_kicks(self) -> bool:
         """Ask the driver to kick on new chains; True if some came meanwhile."""
