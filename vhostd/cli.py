@@ -1,9 +1,11 @@
 """The ``vhostd`` command line.
 
 ``vhostd run --socket PATH [--socket PATH ...] [--client PATH ...] [--tap IFNAME]
-[--mode switch|reflect|sink] [--config FILE] [--metrics-listen ADDR]``
-serves ports until SIGINT or SIGTERM; ``vhostd check-config FILE`` reports
-every problem in a configuration file with its line.
+[--mode switch|reflect|sink] [--config FILE] [--metrics-listen ADDR]
+[--control-socket PATH]`` serves ports until SIGINT or SIGTERM;
+``vhostd check-config FILE`` reports every problem in a configuration file
+with its line; ``vhostd status [--json] [--control-socket PATH]`` shows what
+a running daemon is doing (ports, features, rings, counters).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import trio
 
 from .config import (
     DEFAULT_CONFIG_PATH,
+    DEFAULT_CONTROL_SOCKET,
     ConfigError,
     DaemonConfig,
     check_config_text,
@@ -70,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG_PATH)
+
+    status = sub.add_parser("status", help="show a running daemon's ports and counters")
+    status.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
+    status.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help=f"the daemon's control socket (default: from --config, else {DEFAULT_CONTROL_SOCKET})",
+    )
+    status.add_argument(
+        "--config", metavar="FILE", help=f"read control_socket from here ({DEFAULT_CONFIG_PATH})"
+    )
     return parser
 
 
@@ -134,10 +148,44 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control_socket(args: argparse.Namespace) -> str:
+    if args.control_socket:
+        return str(args.control_socket)
+    path = args.config
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            return load_config(path).control_socket
+        except (ConfigError, OSError) as exc:
+            print(f"vhostd: {path}: {exc}; trying {DEFAULT_CONTROL_SOCKET}", file=sys.stderr)
+    return DEFAULT_CONTROL_SOCKET
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from .control import fetch, format_status
+
+    path = _control_socket(args)
+    try:
+        snap = fetch(path)
+    except (OSError, ValueError) as exc:
+        print(f"vhostd: cannot read status from {path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(snap, indent=2))
+    else:
+        sys.stdout.write(format_status(snap))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "status":
+        return _status(args)
     return _check(args)
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable
 
 import trio
 
 from . import systemd
 from .config import DaemonConfig, PortConfig, load_config
+from .control import serve_control
 from .port import Port
 from .switch import Switch
 from .tap import TapUplink
@@ -37,6 +39,18 @@ class Daemon:
         self.taps: list[TapUplink] = []
         self._nursery: trio.Nursery | None = None
         self.reload_hook: Callable[[DaemonConfig], DaemonConfig] | None = None
+        self.started_at = time.monotonic()
+        self.control_path: str | None = None
+        """The control socket, once it listens (None if it could not be created)."""
+        self.metrics_address: tuple[str, int] | None = None
+        """Where /metrics is served once bound (the real port when 0 was asked)."""
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_address is None:
+            return None
+        host, port = self.metrics_address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled or signalled to stop."""
@@ -55,6 +69,9 @@ class Daemon:
                     nursery.start_soon(tap.serve)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._expire_macs)
+                self.control_path = await nursery.start(
+                    serve_control, self, self.config.control_socket
+                )
                 await nursery.start(systemd.watchdog_task)
                 systemd.ready(f"serving {len(self.ports)} port(s)")
                 log.info("vhostd ready: %d port(s), %d tap(s)", len(self.ports), len(self.taps))

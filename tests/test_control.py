@@ -1,0 +1,165 @@
+"""The control socket and ``vhostd status``: what an operator (or a test) reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from protocol import VirtioFeature
+from tests.daemon import REPO, VhostdProcess, port_config, serving
+from tests.vusim.frontend import Frontend
+from vhostd.control import fetch, flag_names, format_status, snapshot
+
+
+def test_flag_names_decode_known_and_unknown_bits() -> None:
+    value = int(VirtioFeature.VERSION_1 | VirtioFeature.NET_MAC) | 1 << 63
+    assert flag_names(value, VirtioFeature) == ["NET_MAC", "VERSION_1", "bit_63"]
+    assert flag_names(0, VirtioFeature) == []
+
+
+def test_status_reflects_features_rings_and_counters(tmp_sock_dir: Path) -> None:
+    sock = tmp_sock_dir / "vm1.sock"
+    ctl = tmp_sock_dir / "sub" / "control.sock"  # parent directory created by the daemon
+
+    async def main() -> None:
+        async with serving(
+            port_config(sock, "sink", iommu=True, queue_pairs=1), control_socket=str(ctl)
+        ) as d:
+            assert d.control_path == str(ctl)
+            assert stat.S_IMODE(os.stat(ctl).st_mode) == 0o600
+            before = await trio.to_thread.run_sync(fetch, str(ctl))
+            (p,) = before["ports"]
+            assert (p["name"], p["state"], p["connected"]) == ("vm1", "listening", False)
+            assert p["features"] == "0x0" and before["healthy"] is True
+            assert [v["started"] for v in p["vrings"]] == [False, False]
+
+            async with Frontend.connect(str(sock)) as fe:
+                await fe.net_setup(queue_pairs=1, iommu=True)
+                done = await fe.send_frames(1, [bytes([i]) * 60 for i in range(50)])
+                assert len(done) == 50
+                snap = snapshot(d)
+                over_socket = await trio.to_thread.run_sync(fetch, str(ctl))
+                (p,) = snap["ports"]
+                assert p["state"] == "connected" and p["connected"] is True
+                assert int(p["features"], 16) == fe.features
+                assert "ACCESS_PLATFORM" in p["feature_names"]
+                assert "VERSION_1" in p["feature_names"]
+                assert int(p["protocol_features"], 16) == fe.protocol_features
+                assert "BACKEND_REQ" in p["protocol_feature_names"]
+                assert "DRIVER_OK" in p["device_status_names"]
+                rx, tx = p["vrings"]
+                assert (rx["direction"], tx["direction"]) == ("rx", "tx")
+                assert tx["started"] and tx["enabled"] and tx["failed"] is None
+                assert tx["size"] == 256
+                assert tx["packets"] == 50 and tx["bytes"] == 50 * 60
+                assert tx["last_avail"] == 50 and tx["last_used"] == 50
+                assert p["totals"]["tx"]["packets"] == 50
+                io = p["iotlb"]
+                assert io["enabled"] is True
+                assert io["miss_sent"] > 0 and io["updates"] > 0
+                assert io["entries"] > 0 and io["lookups"] >= io["hits"] > 0
+                # The socket serves the same snapshot (time and uptime aside).
+                assert over_socket["ports"][0]["vrings"] == p["vrings"]
+                assert over_socket["ports"][0]["iotlb"]["updates"] == io["updates"]
+
+            # Counters outlive the connection; the vring state does not.
+            with trio.fail_after(5):
+                while d.ports["vm1"].session is not None:
+                    await trio.sleep(0.01)
+            (p,) = snapshot(d)["ports"]
+            assert p["state"] == "listening" and p["disconnects"] == 1
+            assert p["vrings"][1]["packets"] == 50 and not p["vrings"][1]["started"]
+            assert p["iotlb"]["entries"] == 0 and p["iotlb"]["enabled"] is False
+            assert "vm1" in format_status(snapshot(d))
+        assert not ctl.exists()  # removed on exit
+
+    trio.run(main)
+
+
+def test_failed_ring_reason_is_shown(tmp_sock_dir: Path) -> None:
+    sock = tmp_sock_dir / "bad.sock"
+
+    async def main() -> None:
+        async with (
+            serving(
+                port_config(sock, "sink", queue_pairs=1),
+                control_socket=str(tmp_sock_dir / "c.sock"),
+            ) as d,
+            Frontend.connect(str(sock)) as fe,
+        ):
+            await fe.net_setup(queue_pairs=1)
+            ring = fe.vrings[1].ring
+            ring.push_heads([ring.size + 7])  # head index out of range
+            fe.kick(1)
+            with trio.fail_after(5):
+                while not fe.err_pending(1):
+                    await trio.sleep(0.01)
+            (p,) = snapshot(d)["ports"]
+            assert p["vrings"][1]["failed"]
+            assert sum(p["queue_faults"].values()) == 1
+            assert "failed: " in format_status(snapshot(d))
+
+    trio.run(main)
+
+
+def test_live_control_socket_is_not_taken_over(tmp_sock_dir: Path) -> None:
+    ctl = str(tmp_sock_dir / "c.sock")
+
+    async def main() -> None:
+        async with (
+            serving(port_config(tmp_sock_dir / "a.sock"), control_socket=ctl) as first,
+            serving(port_config(tmp_sock_dir / "b.sock"), control_socket=ctl) as second,
+        ):
+            assert first.control_path == ctl and second.control_path is None
+            snap = await trio.to_thread.run_sync(fetch, ctl)
+            assert [p["name"] for p in snap["ports"]] == ["a"]
+
+    trio.run(main)
+
+
+def test_vhostd_status_cli_against_a_daemon_process(tmp_sock_dir: Path, tmp_path: Path) -> None:
+    sock, ctl = tmp_sock_dir / "vm9.sock", tmp_sock_dir / "control.sock"
+    args = ["--socket", str(sock), "--mode", "sink", "--control-socket", str(ctl)]
+    with VhostdProcess(args, tmp_path / "vhostd.log").start(wait_for=[sock, ctl]) as proc:
+
+        def status(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "vhostd", "status", "--control-socket", str(ctl), *extra],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                timeout=30,
+                check=False,
+            )
+
+        table = status()
+        assert table.returncode == 0, table.stderr + proc.log()
+        header = table.stdout.splitlines()[2].split()
+        assert header[:3] == ["PORT", "STATE", "MODE"]
+        row = table.stdout.splitlines()[3].split()
+        assert row[:3] == ["vm9", "listening", "sink"]
+        assert "VRING" in table.stdout and "healthy" in table.stdout
+
+        out = status("--json")
+        assert out.returncode == 0, out.stderr
+        snap = json.loads(out.stdout)
+        assert proc.proc is not None and snap["pid"] == proc.proc.pid
+        assert snap["ports"][0]["socket"] == str(sock)
+        proc.stop()
+        assert not ctl.exists()
+
+    gone = subprocess.run(
+        [sys.executable, "-m", "vhostd", "status", "--control-socket", str(ctl)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+        check=False,
+    )
+    assert gone.returncode == 1 and "cannot read status" in gone.stderr
