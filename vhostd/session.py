@@ -679,9 +679,13 @@ class Session:
             except IotlbMiss:
                 pass
             except IotlbDenied as exc:
+                # Same outcome as on the ring task: ACCESS_FAIL to the front-end,
+                # and the frame in hand counted as dropped like the backlog.
                 self.stats.blocked_accesses += 1
-                self.stats.access_failures += 1
+                self.stats.queue(vring.index).dropped += 1
                 self._fail(vring, "iotlb_denied", str(exc))
+                assert self._nursery is not None
+                self._nursery.start_soon(self._access_failed, exc.iova, exc.need)
                 return
             except (QueueError, AccessError) as exc:
                 kind = exc.fault.value if isinstance(exc, QueueError) else "access_error"
