@@ -136,6 +136,9 @@ class BackendChannel:
         )
         self.sent = 0
         self.failed = 0
+        # Ring tasks send concurrently; two waiting on a full socket at once
+        # would be a trio BusyResourceError, not a queued write.
+        self._send_lock = trio.Lock()
 
     @property
     def open(self) -> bool:
@@ -147,7 +150,8 @@ class BackendChannel:
             return False
         msg = IotlbMsg(iova=iova, size=0, uaddr=0, perm=perm, type=kind)
         try:
-            await self._channel.send(encode_request(BackendRequest.IOTLB_MSG, msg))
+            async with self._send_lock:
+                await self._channel.send(encode_request(BackendRequest.IOTLB_MSG, msg))
         except (OSError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             log.warning("back-end channel send failed: %s", exc)
             self.failed += 1
