@@ -1,0 +1,69 @@
+"""Looking into the in-process daemon from a test: counters, fds, mappings.
+
+The daemon runs in the test's own process (``tests.daemon.serving``), so
+``/proc/self`` is the daemon's: its fd table and its memory map show whether
+a connection's fds and guest-memory mappings were really given back.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from tests.daemon import port_config, serving
+from vhostd.daemon import Daemon
+from vhostd.port import Port
+from vhostd.session import Session
+
+
+def open_fds() -> int:
+    """How many fds this (the daemon's) process holds."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def memfd_maps() -> int:
+    """Mappings of memfds (the simulator's guest RAM as mapped by anyone here)."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "/memfd:" in line)
+
+
+async def until(cond: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
+    """Poll ``cond`` until true; fails the test after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.002)
+    del what
+
+
+def socket_dir() -> str:
+    """A short directory for sockets (AF_UNIX paths are limited to 108 bytes)."""
+    return tempfile.mkdtemp(prefix="vhd-", dir="/tmp")
+
+
+@asynccontextmanager
+async def ports(
+    *modes: str, miss_timeout: float = 0.25, **kw: object
+) -> AsyncIterator[tuple[Daemon, list[Port]]]:
+    """A daemon with one port per mode (named p0, p1, ...) and a short MISS timeout."""
+    d = socket_dir()
+    configs = [port_config(Path(d) / f"p{i}.sock", mode, **kw) for i, mode in enumerate(modes)]
+    try:
+        async with serving(*configs) as daemon:
+            out = [daemon.ports[f"p{i}"] for i in range(len(modes))]
+            for port in out:
+                port.miss_timeout = miss_timeout
+            yield daemon, out
+    finally:
+        for name in os.listdir(d):
+            os.unlink(os.path.join(d, name))
+        os.rmdir(d)
+
+
+def session(port: Port) -> Session:
+    assert port.session is not None, f"{port.name}: no front-end connected"
+    return port.session
