@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from tests.daemon import port_config, serving
+from tests.vusim.frontend import Frontend
 from vhostd.daemon import Daemon
 from vhostd.port import Port
 from vhostd.session import Session
@@ -67,3 +68,23 @@ async def ports(
 def session(port: Port) -> Session:
     assert port.session is not None, f"{port.name}: no front-end connected"
     return port.session
+
+
+def frame(i: int, size: int = 60, src: int = 2) -> bytes:
+    """A unicast frame numbered ``i`` (the number survives reflection).
+
+    RX queue choice hashes the last MAC bytes: with two RX rings an even
+    ``dst ^ src`` (dst is 1) lands on the first.
+    """
+    body = i.to_bytes(4, "big") * (size // 4)
+    return b"\x02\x00\x00\x00\x00\x01" + bytes([2, 0, 0, 0, 0, src]) + body[: size - 12]
+
+
+async def check_port_works(port: Port, n: int = 8, *, iommu: bool = True) -> None:
+    """A fresh front-end on ``port`` moves ``n`` frames (the port still serves)."""
+    async with Frontend.connect(port.config.socket) as other:
+        await other.net_setup(iommu=iommu)
+        before = port.stats.totals("tx").packets
+        done = await other.send_frames(1, [frame(i) for i in range(n)])
+        assert len(done) == n
+        assert port.stats.totals("tx").packets == before + n

@@ -21,7 +21,7 @@ from protocol import (
     IotlbType,
     encode_request,
 )
-from tests.probe import ports, session, until
+from tests.probe import check_port_works, frame, ports, session, until
 from tests.vusim import badrings
 from tests.vusim.dma import IommuDma
 from tests.vusim.frontend import Frontend
@@ -29,20 +29,9 @@ from tests.vusim.guestram import PAGE
 from tests.vusim.net import post_rx, recv_frames
 from tests.vusim.rings import F_WRITE
 from tests.vusim.viommu import IOVA_END, LAZY_FLUSH_IOVA, MissMode, VIommu
-from vhostd.port import Port
 
 UNMAPPED_IOVA = 0x6_0000_0000
 """No IOVA the simulator hands out (0xd0000000 upwards) comes near it."""
-
-
-def frame(i: int, size: int = 60, src: int = 2) -> bytes:
-    """A unicast frame numbered ``i`` (the number survives reflection).
-
-    RX queue choice hashes the last MAC bytes: with two RX rings an even
-    ``dst ^ src`` (dst is 1) lands on the first.
-    """
-    body = i.to_bytes(4, "big") * (size // 4)
-    return b"\x02\x00\x00\x00\x00\x01" + bytes([2, 0, 0, 0, 0, src]) + body[: size - 12]
 
 
 def misses_for(fe: Frontend, iova: int) -> int:
@@ -56,16 +45,6 @@ def access_fails(fe: Frontend) -> list[IotlbMsg]:
         for m in fe.backend_messages
         if isinstance(m.payload, IotlbMsg) and m.payload.type == IotlbType.ACCESS_FAIL
     ]
-
-
-async def check_port_works(port: Port, n: int = 8) -> None:
-    """A fresh front-end on ``port`` moves ``n`` frames through the IOTLB."""
-    async with Frontend.connect(port.config.socket) as other:
-        await other.net_setup(iommu=True)
-        before = port.stats.totals("tx").packets
-        done = await other.send_frames(1, [frame(i) for i in range(n)])
-        assert len(done) == n
-        assert port.stats.totals("tx").packets == before + n
 
 
 @pytest.mark.trio
