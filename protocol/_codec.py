@@ -116,12 +116,14 @@ def _iotlb(buf: bytearray, off: int, size: int) -> IotlbMsg:
     if not IOTLB_MIN_SIZE <= size <= s.IOTLB_S.size:
         raise PayloadError(ErrorKind.BAD_SIZE, f"IOTLB message of {size} bytes")
     iova, length, uaddr, perm, type_ = s.IOTLB_FIELDS_S.unpack_from(buf, off)
-    perm_ = _PERMS.get(perm)
-    if perm_ is None:
-        raise PayloadError(ErrorKind.BAD_PAYLOAD, f"IOTLB perm {perm} > 3")
     typ = _TYPES.get(type_)
     if typ is None:
         raise PayloadError(ErrorKind.BAD_PAYLOAD, f"IOTLB type {type_} not in 1..4")
+    perm_ = _PERMS.get(perm)
+    if perm_ is None and typ is IotlbType.INVALIDATE:
+        perm_ = IotlbPerm.NONE  # QEMU leaves an invalidation's perm uninitialised (stack bytes)
+    if perm_ is None:
+        raise PayloadError(ErrorKind.BAD_PAYLOAD, f"IOTLB perm {perm} > 3")
     return IotlbMsg(iova, length, uaddr, perm_, typ)
 
 
