@@ -47,7 +47,7 @@ from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbMiss
 from .memory import MemoryError_
 from .memory import MemoryTable as RegionTable
 from .net import RxQueue, TxQueue
-from .virtqueue import MAX_QUEUE_SIZE, QueueError, SplitQueue
+from .virtqueue import MAX_QUEUE_SIZE, QueueError, SplitQueue, ring_sizes
 from .vring import Vring, close_fd, drain, signal
 
 if TYPE_CHECKING:
@@ -92,6 +92,7 @@ WITH_BODY = frozenset(
     }
 )
 
+_ACK = struct.Struct("<IIIQ")  # header (code, flags REPLY|VERSION, size 8) + u64
 _RARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")
 
 
@@ -165,7 +166,7 @@ class Session:
                     return
                 log.warning("%s: %s", self.name, exc)
                 if exc.need_reply and exc.code is not None and self._acks:
-                    await self.channel.send(encode_ack(R(exc.code), False))
+                    await self.channel.send(_failure_ack(exc.code))
             except RequestFailed as exc:
                 log.error("%s: %s; closing the connection", self.name, exc)
                 return
@@ -345,15 +346,24 @@ class Session:
         payload = msg.payload
         assert isinstance(payload, VringAddr)
         vring, _ = self._stopped_vring(msg)
-        if self.mem.iotlb is None and len(self.table) and vring.size:
-            for name, addr in (
-                ("desc", payload.desc),
-                ("avail", payload.avail),
-                ("used", payload.used),
+        if self.mem.iotlb is None and vring.size:
+            # Front-end addresses can be checked now (IOVAs only when used):
+            # each ring must lie whole inside one region of the table.
+            if not len(self.table):
+                raise RequestFailed(
+                    "bad_vring_addr", f"vring {vring.index} addresses before the memory table"
+                )
+            sizes = ring_sizes(vring.size, bool(self.features & VF.RING_EVENT_IDX))
+            for name, addr, size in zip(
+                ("desc", "avail", "used"),
+                (payload.desc, payload.avail, payload.used),
+                sizes,
+                strict=True,
             ):
-                if self.table.uaddr_span(addr) == 0:
+                if self.table.uaddr_span(addr) < size:
                     raise RequestFailed(
-                        "bad_vring_addr", f"vring {vring.index} {name} {addr:#x} is not mapped"
+                        "bad_vring_addr",
+                        f"vring {vring.index} {name} {addr:#x}+{size:#x} is not inside one region",
                     )
         vring.addr = payload
 
@@ -588,18 +598,21 @@ class Session:
     async def _resolve_miss(self, vring: Vring, miss: IotlbMiss) -> None:
         """Send one MISS per page and wait, bounded, for the UPDATE."""
         key = (miss.page(), int(miss.perm))
+        # Taken before the MISS goes out: the UPDATE can be handled while send_iotlb
+        # awaits, and it replaces iotlb_changed with a fresh Event nobody will set.
+        changed = self.iotlb_changed
         sent = self._misses.get(key)
         if sent is None:
             backend = self.backend
-            sent = trio.current_time()
+            sent = self._misses[key] = trio.current_time()  # before the UPDATE can answer it
             if backend is None or not await backend.send_iotlb(
                 IotlbType.MISS, miss.iova, miss.perm
             ):
+                self._misses.pop(key, None)
                 raise AccessError(f"IOTLB miss at {miss.iova:#x} and no back-end channel")
-            self._misses[key] = sent
             self.stats.iotlb_miss_sent += 1
         with trio.move_on_at(sent + self.miss_timeout):
-            await self.iotlb_changed.wait()
+            await changed.wait()
             return
         self._misses.pop(key, None)
         self.stats.iotlb_miss_timeouts += 1
@@ -704,6 +717,14 @@ class Session:
                     rx.queue.publish()
                     self._interrupt(vring, rx.queue)
             dirty.clear()
+
+
+def _failure_ack(code: int) -> bytes:
+    """A failure ack for a skipped request, even one whose code no enum names."""
+    try:
+        return encode_ack(R(code), False)
+    except ValueError:
+        return _ACK.pack(code, 0x5, 8, 1)
 
 
 def _u64(msg: Message) -> int:
