@@ -19,6 +19,7 @@ import trio
 from . import systemd
 from .config import DaemonConfig, PortConfig, load_config
 from .control import serve_control
+from .metrics import serve_metrics
 from .port import Port
 from .switch import Switch
 from .tap import TapUplink
@@ -72,6 +73,10 @@ class Daemon:
                 self.control_path = await nursery.start(
                     serve_control, self, self.config.control_socket
                 )
+                if self.config.metrics.address is not None:
+                    self.metrics_address = await nursery.start(
+                        serve_metrics, self, self.config.metrics.address
+                    )
                 await nursery.start(systemd.watchdog_task)
                 systemd.ready(f"serving {len(self.ports)} port(s)")
                 log.info("vhostd ready: %d port(s), %d tap(s)", len(self.ports), len(self.taps))

@@ -1,0 +1,373 @@
+"""Prometheus metrics and /healthz: exposition contents, conventions, and a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from tests.daemon import VhostdProcess, port_config, serving
+from tests.lab.fixtures import require_binary
+from tests.vusim.frontend import Frontend
+from vhostd.config import MetricsConfig
+from vhostd.control import fetch
+from vhostd.daemon import Daemon
+from vhostd.metrics import METRIC_NAMES
+
+LOOPBACK_ANY = MetricsConfig("127.0.0.1:0")
+
+
+async def http_get(daemon: Daemon, path: str, method: str = "GET") -> tuple[int, bytes]:
+    """One request to the daemon's metrics listener; (status, body)."""
+    assert daemon.metrics_address is not None
+    host, port = daemon.metrics_address
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """{(sample name, labels): value} of an exposition."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, frozenset(labels.items()))]
+
+
+async def scrape(daemon: Daemon) -> str:
+    code, body = await http_get(daemon, "/metrics")
+    assert code == 200
+    return body.decode()
+
+
+def test_traffic_moves_counters_and_histogram_is_cumulative(tmp_sock_dir: Path) -> None:
+    sock = tmp_sock_dir / "vm1.sock"
+
+    async def main() -> None:
+        async with serving(
+            port_config(sock, "sink", iommu=True, queue_pairs=1),
+            metrics=LOOPBACK_ANY,
+            control_socket=str(tmp_sock_dir / "c.sock"),
+        ) as d:
+            before = await scrape(d)
+            q = {"port": "vm1", "queue": "0", "direction": "tx"}
+            assert value(before, "vhostd_queue_packets_total", **q) == 0
+            assert value(before, "vhostd_frontend_connected", port="vm1") == 0
+            async with Frontend.connect(str(sock)) as fe:
+                await fe.net_setup(queue_pairs=1, iommu=True)
+                assert len(await fe.send_frames(1, [b"\x02" * 60] * 40)) == 40
+                after = await scrape(d)
+                assert value(after, "vhostd_frontend_connected", port="vm1") == 1
+                assert value(after, "vhostd_negotiated_features", port="vm1") == fe.features
+                assert value(after, "vhostd_iotlb_entries", port="vm1") > 0
+                assert value(after, "vhostd_iotlb_enabled", port="vm1") == 1
+            assert value(after, "vhostd_queue_packets_total", **q) == 40
+            assert value(after, "vhostd_queue_bytes_total", **q) == 40 * 60
+            assert value(after, "vhostd_queue_kicks_total", **q) >= 1
+            assert value(after, "vhostd_queue_interrupts_total", **q) >= 1
+            assert value(after, "vhostd_connections_total", port="vm1") == 1
+            misses = value(after, "vhostd_iotlb_miss_requests_total", port="vm1")
+            assert misses > 0
+            assert value(after, "vhostd_iotlb_updates_total", port="vm1") >= misses
+            assert value(after, "vhostd_iotlb_lookups_total", port="vm1") > 0
+
+            # The miss-service histogram: cumulative, +Inf == count, sum > 0.
+            (hist,) = [
+                f
+                for f in text_string_to_metric_families(after)
+                if f.name == "vhostd_iotlb_miss_service_seconds"
+            ]
+            assert hist.type == "histogram"
+            buckets = [s for s in hist.samples if s.name.endswith("_bucket")]
+            les = [float(s.labels["le"]) for s in buckets]
+            counts = [s.value for s in buckets]
+            assert les == sorted(les) and les[-1] == float("inf")
+            assert counts == sorted(counts)
+            count = _one(hist.samples, "_count").value
+            assert counts[-1] == count == d.ports["vm1"].stats.iotlb_miss_time.count > 0
+            assert 0 < _one(hist.samples, "_sum").value < count * 2.0
+
+    trio.run(main)
+
+
+def _one(items: list[Sample], suffix: str) -> Sample:
+    (s,) = [s for s in items if s.name.endswith(suffix)]
+    return s
+
+
+def test_names_follow_prometheus_conventions(tmp_sock_dir: Path) -> None:
+    async def main() -> None:
+        async with serving(
+            port_config(tmp_sock_dir / "a.sock", queue_pairs=2),
+            metrics=LOOPBACK_ANY,
+            control_socket=str(tmp_sock_dir / "c.sock"),
+        ) as d:
+            d.ports["a"].stats.protocol_errors["bad_size"] += 1
+            text = await scrape(d)
+        families = list(text_string_to_metric_families(text))
+        ours = {f.name for f in families if f.name.startswith("vhostd_")}
+        # The text parser names a counter family without its _total.
+        expected = {n.removesuffix("_total") for n in METRIC_NAMES}
+        assert ours == expected
+        for f in families:
+            assert f.name.startswith(("vhostd_", "process_")), f.name
+            assert f.documentation, f.name
+            assert f.name == f.name.lower()
+            for s in f.samples:
+                if f.type == "counter":
+                    assert s.name.endswith(("_total", "_created")), s.name
+                if "seconds" in s.name or "bytes" in s.name:
+                    assert f.type in ("counter", "gauge", "histogram")
+                assert set(s.labels) <= {"port", "queue", "direction", "kind", "tap", "le"} | (
+                    {"socket", "mode"} if f.name == "vhostd_port_info" else set()
+                )
+        assert value(text, "vhostd_protocol_errors_total", port="a", kind="bad_size") == 1
+        # Every configured queue has series before any traffic (rate() needs a zero).
+        pkts = [k for k in samples(text) if k[0] == "vhostd_queue_packets_total"]
+        assert len(pkts) == 4
+
+    trio.run(main)
+
+
+def test_healthz_and_http_edges(tmp_sock_dir: Path) -> None:
+    async def main() -> None:
+        async with serving(
+            port_config(tmp_sock_dir / "a.sock"),
+            port_config(tmp_sock_dir / "b.sock"),
+            metrics=LOOPBACK_ANY,
+            control_socket=str(tmp_sock_dir / "c.sock"),
+        ) as d:
+            assert d.metrics_address is not None and d.metrics_address[1] != 0
+            assert await http_get(d, "/healthz") == (200, b"ok\n")
+            assert (await http_get(d, "/metrics?x=1"))[0] == 200
+            assert await http_get(d, "/healthz", "HEAD") == (200, b"")
+            assert (await http_get(d, "/nope"))[0] == 404
+            assert (await http_get(d, "/metrics", "POST"))[0] == 405
+            d.ports["b"].close()  # a port that stopped listening: not serving
+            code, body = await http_get(d, "/healthz")
+            assert (code, body) == (503, b"not serving\n")
+            assert value(await scrape(d), "vhostd_up") == 0
+            # Garbage and a silent client cost nothing but their connection.
+            host, port = d.metrics_address
+            async with await trio.open_tcp_stream(host, port) as s:
+                await s.send_all(b"\x00\x01 junk\r\n\r\n")
+                assert (await s.receive_some(100)).startswith(b"HTTP/1.1 400")
+            async with await trio.open_tcp_stream(host, port) as idle:
+                assert (await http_get(d, "/healthz"))[0] == 503
+                del idle
+
+    trio.run(main)
+
+
+def test_busy_metrics_port_is_not_fatal(tmp_sock_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = MetricsConfig(f"127.0.0.1:{taken.getsockname()[1]}")
+
+        async def main() -> None:
+            async with serving(
+                port_config(tmp_sock_dir / "a.sock"),
+                metrics=busy,
+                control_socket=str(tmp_sock_dir / "c.sock"),
+            ) as d:
+                assert d.metrics_address is None
+                assert d.ports["a"].listener is not None
+
+        trio.run(main)
+
+
+def test_promtool_accepts_the_exposition(tmp_sock_dir: Path) -> None:
+    require_binary("promtool", "prometheus")
+    sock = tmp_sock_dir / "vm1.sock"
+
+    async def main() -> str:
+        async with serving(
+            port_config(sock, "sink", iommu=True, queue_pairs=2),
+            metrics=LOOPBACK_ANY,
+            control_socket=str(tmp_sock_dir / "c.sock"),
+        ) as d:
+            d.ports["vm1"].stats.protocol_errors["bad_size"] += 1
+            d.ports["vm1"].stats.queue_faults["head_out_of_range"] += 1
+            async with Frontend.connect(str(sock)) as fe:
+                await fe.net_setup(queue_pairs=2, iommu=True)
+                await fe.send_frames(1, [b"\x02" * 60] * 5)
+                return await scrape(d)
+
+    text = trio.run(main)
+    assert "vhostd_iotlb_miss_service_seconds_bucket" in text
+    out = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), (
+        out.stdout + out.stderr
+    )
+
+
+# -- a real Prometheus scraping a vhostd process ---------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Prometheus:
+    """The Debian ``prometheus`` server on loopback, storage in a temp dir."""
+
+    def __init__(self, workdir: Path, target: str) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: vhostd\n"
+            f"    static_configs:\n      - targets: ['{target}']\n"
+        )
+        self.log_path = workdir / "prometheus.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "prometheus",
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.base + path, timeout=5) as resp:
+            data: bytes = resp.read()
+            return data
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.get("/-/ready")
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"prometheus not ready:\n{self.log()}") from None
+                time.sleep(0.1)
+
+    def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
+        data = json.loads(self.get("/api/v1/query?" + urllib.parse.urlencode({"query": expr})))
+        assert data["status"] == "success", data
+        return [(r["metric"], float(r["value"][1])) for r in data["data"]["result"]]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def vhostd_with_metrics(tmp_sock_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A vhostd process with an IOMMU sink port; yields (metrics host:port, port socket)."""
+    sock, ctl = tmp_sock_dir / "vm1.sock", tmp_sock_dir / "control.sock"
+    config = tmp_path / "vhostd.toml"
+    config.write_text(
+        f'control_socket = "{ctl}"\n[metrics]\nlisten = "127.0.0.1:9"\n'
+        f'[[port]]\nsocket = "{sock}"\nmode = "sink"\nqueue_pairs = 1\niommu = true\n'
+    )
+    # --metrics-listen overrides the file; port 0 picks a free one.
+    args = ["--config", str(config), "--metrics-listen", "127.0.0.1:0"]
+    proc = VhostdProcess(args, tmp_path / "vhostd.log")
+    with proc.start(wait_for=[sock, ctl]):
+        url = fetch(str(ctl))["metrics"]
+        assert url and url.startswith("http://127.0.0.1:"), proc.log()
+        assert f"metrics on {url}" in proc.log()
+        yield url.removeprefix("http://"), sock
+
+
+@pytest.mark.e2e
+def test_real_prometheus_scrapes_increasing_packets(
+    vhostd_with_metrics: tuple[str, Path], tmp_path: Path
+) -> None:
+    require_binary("prometheus", "prometheus")
+    target, sock = vhostd_with_metrics
+    prom = Prometheus(tmp_path, target)
+    try:
+        prom.wait_ready()
+
+        async def main() -> None:
+            async with Frontend.connect(str(sock)) as fe, trio.open_nursery() as nursery:
+                await fe.net_setup(queue_pairs=1, iommu=True)
+
+                async def traffic() -> None:
+                    while True:
+                        await fe.send_frames(1, [b"\x02" * 60] * 16)
+                        await trio.sleep(0.05)
+
+                nursery.start_soon(traffic)
+                await trio.to_thread.run_sync(watch, prom)
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+    finally:
+        prom.stop()
+
+
+def watch(prom: Prometheus, timeout: float = 40.0) -> None:
+    """Until Prometheus has seen the TX packet counter grow across scrapes."""
+    packets = 'vhostd_queue_packets_total{port="vm1",direction="tx",queue="0"}'
+    seen: list[float] = []
+    deadline = time.monotonic() + timeout
+    while len(seen) < 3:
+        assert time.monotonic() < deadline, f"packets seen {seen}\n{prom.log()}"
+        time.sleep(0.5)
+        result = prom.query(packets)
+        if result and (not seen or result[0][1] != seen[-1]):
+            seen.append(result[0][1])
+            assert seen == sorted(seen), seen  # a counter never goes back
+    ((labels, up),) = prom.query('up{job="vhostd"}')
+    assert up == 1, labels
+    ((_, rate),) = prom.query(f"rate({packets}[5s])")
+    assert rate > 0
+    # IOTLB series arrive under their names and move with the simulator's vIOMMU.
+    ((_, misses),) = prom.query('vhostd_iotlb_miss_requests_total{port="vm1"}')
+    ((_, updates),) = prom.query('vhostd_iotlb_updates_total{port="vm1"}')
+    ((_, entries),) = prom.query('vhostd_iotlb_entries{port="vm1"}')
+    assert misses > 0 and updates >= misses and entries > 0
+    buckets = prom.query('vhostd_iotlb_miss_service_seconds_bucket{port="vm1"}')
+    assert len(buckets) == 13
+    ((_, count),) = prom.query('vhostd_iotlb_miss_service_seconds_count{port="vm1"}')
+    assert count > 0
