@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -35,6 +36,9 @@ def port_config(socket: str | Path, mode: str = "switch", **kw: object) -> PortC
 @asynccontextmanager
 async def serving(*ports: PortConfig, **kw: object) -> AsyncIterator[Daemon]:
     """Run a daemon with ``ports`` in this trio loop for the duration of the block."""
+    if "control_socket" not in kw:
+        # Each test daemon gets its own control socket, never the system's.
+        kw["control_socket"] = tempfile.mktemp(prefix="vhd-ctl-", suffix=".sock", dir="/tmp")
     config = DaemonConfig(ports=tuple(ports), **kw)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         daemon: Daemon = await nursery.start(Daemon(config).run)
@@ -49,6 +53,9 @@ class VhostdProcess:
 
     def __init__(self, args: Sequence[str], log_path: Path, *, wrapper: Sequence[str] = ()) -> None:
         self.args = list(args)
+        if "--control-socket" not in self.args:
+            self.args += ["--control-socket", str(log_path.with_suffix(".ctl"))]
+        self.control_socket = Path(self.args[self.args.index("--control-socket") + 1])
         self.log_path = log_path
         self.wrapper = list(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
