@@ -54,7 +54,8 @@ class VhostdProcess:
     def __init__(self, args: Sequence[str], log_path: Path, *, wrapper: Sequence[str] = ()) -> None:
         self.args = list(args)
         if "--control-socket" not in self.args:
-            self.args += ["--control-socket", str(log_path.with_suffix(".ctl"))]
+            ctl = tempfile.mktemp(prefix="vhd-ctl-", suffix=".sock", dir="/tmp")
+            self.args += ["--control-socket", ctl]
         self.control_socket = Path(self.args[self.args.index("--control-socket") + 1])
         self.log_path = log_path
         self.wrapper = list(wrapper)
