@@ -87,12 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
-    path = args.config
-    if path is None and not (args.socket or args.client) and os.path.exists(DEFAULT_CONFIG_PATH):
-        path = DEFAULT_CONFIG_PATH
-    base = load_config(path) if path else None
-    config = config_from_args(
+def _overlay(args: argparse.Namespace, base: DaemonConfig | None) -> DaemonConfig:
+    """The command line's values over `base`: at start-up and again on every reload."""
+    return config_from_args(
         base,
         sockets=args.socket,
         client_sockets=args.client,
@@ -102,7 +99,14 @@ def _load(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
         log_level=args.log_level,
         control_socket=args.control_socket,
     )
-    return config, path
+
+
+def _load(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
+    path = args.config
+    if path is None and not (args.socket or args.client) and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    base = load_config(path) if path else None
+    return _overlay(args, base), path
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -123,7 +127,11 @@ def _run(args: argparse.Namespace) -> int:
         print("vhostd: no ports: give --socket PATH or a --config file", file=sys.stderr)
         return 2
     try:
-        trio.run(Daemon(config, path).run)
+        daemon = Daemon(config, path)
+        # A reloaded file must get the same overrides, or every SIGHUP would see
+        # e.g. --control-socket "changing" back to the file's value and be refused.
+        daemon.reload_hook = lambda new: _overlay(args, new)
+        trio.run(daemon.run)
     except KeyboardInterrupt:
         pass
     except OSError as exc:
