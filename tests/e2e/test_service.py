@@ -432,7 +432,9 @@ def test_sighup_adds_and_removes_ports_without_touching_a_running_one(
     cfg = tmp_sock_dir / "vhostd.toml"
     write_config(cfg, [("a", a, "reflect")])
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))  # VhostdProcess passes os.environ
-    proc = VhostdProcess(["--config", str(cfg)], lab_logs / "vhostd.log")
+    # A command-line override must survive reloads (the file names another control socket).
+    args = ["--config", str(cfg), "--control-socket", str(tmp_sock_dir / "cli-control.sock")]
+    proc = VhostdProcess(args, lab_logs / "vhostd.log")
 
     def reload(ports: list[tuple[str, Path, str]]) -> None:
         write_config(cfg, ports)
@@ -492,6 +494,7 @@ def test_sighup_adds_and_removes_ports_without_touching_a_running_one(
     assert "reload refused: port 'a': changing mode would disconnect its guest" in log, log
     assert "reload: adding port b" in log and "reload: removing port b" in log, log
     assert "reload: adding port c" not in log, log
+    assert log.count("reload refused") == 1, log
     assert log.count("a: front-end connected") == 1, log
     stamps = [start, *rounds, end]
     assert max(y - x for x, y in itertools.pairwise(stamps)) < 1.0
