@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from protocol.enums import IotlbPerm
 
+from ._native import ffi
 from .iotlb import IoTlb, IotlbDenied, IotlbDiscontiguous, IotlbMiss
-from .memory import AddressFault, MemoryTable
+from .memory import AddressFault, MappedRegion, MemoryTable
 
 __all__ = ["AccessError", "GuestMemory", "IotlbDenied", "IotlbMiss", "OutsideMemory"]
 
@@ -101,6 +102,39 @@ class GuestMemory:
         except (AddressFault, ValueError) as exc:
             raise OutsideMemory(str(exc)) from None
 
+    def extent(self, addr: int, perm: IotlbPerm, ring: bool = False) -> tuple[int, int, int]:
+        """The largest ``(start, end, local)`` around ``addr`` that maps linearly.
+
+        Every address in ``[start, end)`` is accessible with ``perm`` and lives
+        at local address ``local + (a - start)``: one IOTLB entry (if the IOTLB
+        is on) intersected with one memory region. This is what the C burst
+        loops cache; they never translate by themselves. ``ring`` picks the
+        ring address space (front-end virtual without the IOTLB). Raises what
+        :meth:`buffer` raises for the byte at ``addr``.
+        """
+        iotlb, table = self.iotlb, self.table
+        if iotlb is None:
+            region = _region_holding(table, addr, uaddr=ring)
+            base = region.uaddr if ring else region.gpa
+            return base, base + region.size, _local(region)
+        stats = iotlb.stats
+        stats.lookups += 1
+        entry = iotlb.entry_at(addr)
+        if entry is None:
+            stats.misses += 1
+            raise IotlbMiss(addr, IotlbPerm(perm))
+        start, end, uaddr, have = entry
+        if perm & ~have:
+            stats.denied += 1
+            raise IotlbDenied(addr, IotlbPerm(perm), IotlbPerm(have))
+        stats.hits += 1
+        here = uaddr + (addr - start)
+        region = _region_holding(table, here, uaddr=True)
+        # Clip the entry to the region: both map linearly, so their intersection does.
+        lo = max(start, addr - (here - region.uaddr))
+        hi = min(end, addr + (region.uaddr + region.size - here))
+        return lo, hi, _local(region) + (here - region.uaddr) - (addr - lo)
+
     def ring(self, addr: int, size: int, perm: IotlbPerm) -> memoryview:
         """A ring (desc, avail or used) as one contiguous view."""
         try:
@@ -110,3 +144,17 @@ class GuestMemory:
             return self.table.uaddr_view(iotlb.translate(addr, size, perm), size)
         except (AddressFault, IotlbDiscontiguous, ValueError) as exc:
             raise OutsideMemory(str(exc)) from None
+
+
+def _region_holding(table: MemoryTable, addr: int, *, uaddr: bool) -> MappedRegion:
+    for region in table:
+        base = region.uaddr if uaddr else region.gpa
+        if base <= addr < base + region.size:
+            return region
+    space = "front-end virtual" if uaddr else "guest physical"
+    raise OutsideMemory(str(AddressFault(addr, 1, space)))
+
+
+def _local(region: MappedRegion) -> int:
+    """This process's address of the region's first byte."""
+    return int(ffi.cast("uintptr_t", region._ptr)) + region.mmap_offset

@@ -164,6 +164,19 @@ class IoTlb:
 
     # -- lookups -------------------------------------------------------------
 
+    def entry_at(self, iova: int) -> tuple[int, int, int, int] | None:
+        """``(start, end, uaddr, perm)`` of the entry holding `iova`, or None.
+
+        Counts nothing: callers that translate with it (``GuestMemory.extent``)
+        keep the statistics themselves.
+        """
+        i = bisect_right(self._starts, iova) - 1
+        if i >= 0:
+            entry = self._entries[i]
+            if iova < entry[1]:
+                return entry
+        return None
+
     def translate(self, iova: int, size: int, perm: IotlbPerm) -> int:
         """Return the user address of `iova` if all of ``[iova, iova+size)`` is usable.
 
