@@ -1,0 +1,286 @@
+"""The C burst path: TX bursts and RX delivery compiled through cffi.
+
+:class:`FastTxQueue` and :class:`FastRxQueue` are drop-in subclasses of
+``net.TxQueue``/``net.RxQueue``; the loops themselves live in
+``vhostd/_native_build.py``. They keep every check of the Python reference
+(same faults, same misses, same counters; ``tests/test_fastpath.py`` proves it
+on random and malicious rings) and the single-door rule: C touches guest
+memory only inside ranges that :meth:`GuestMemory.extent` returned, cached per
+queue and dropped whenever the memory generation moves.
+
+The ring indices stay in :class:`SplitQueue`: each C call gets a copy and
+hands it back, so ``publish``/``needs_interrupt``/``want_kicks`` and the
+Python reference (which takes over for the rare chain C declines) see one
+state. ``VHOSTD_FASTPATH=0`` in the environment selects the pure-Python path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from protocol.enums import IotlbPerm
+
+from ._native import ffi, lib
+from .guestmem import OutsideMemory
+from .net import BURST, Frame, QueueStats, RxQueue, Sink, TxQueue
+from .virtqueue import QueueError, QueueFault, SplitQueue
+
+__all__ = ["ENABLED", "FastRxQueue", "FastTxQueue", "RxQueueType", "TxQueueType"]
+
+ENABLED = os.environ.get("VHOSTD_FASTPATH", "1") != "0"
+"""Whether sessions use the C path (set VHOSTD_FASTPATH=0 for the reference)."""
+
+MAX_PIECES = 1024
+MAX_HEADS = 256
+MAX_BURST = 256
+SCRATCH = 1 << 18
+"""Bytes for TX frames spread over several buffers (gathered); at least one max frame."""
+
+DONE, NEED, FAULT, SLOW, FULL, NOBUF, DROPPED = (
+    lib.VHOSTD_DONE,
+    lib.VHOSTD_NEED,
+    lib.VHOSTD_FAULT,
+    lib.VHOSTD_SLOW,
+    lib.VHOSTD_FULL,
+    lib.VHOSTD_NOBUF,
+    lib.VHOSTD_DROPPED,
+)
+
+_FAULTS = (
+    None,
+    QueueFault.HEAD_RANGE,
+    QueueFault.NEXT_RANGE,
+    QueueFault.LOOP,
+    QueueFault.AVAIL_JUMP,
+    QueueFault.INDIRECT_LEN,
+    QueueFault.INDIRECT_NESTED,
+    QueueFault.INDIRECT_NEXT,
+    QueueFault.INDIRECT_OFF,
+    QueueFault.DIRECTION,
+    QueueFault.TOO_LONG,
+)
+
+
+class _Ring:
+    """What C needs of one SplitQueue: ring pointers, translation cache, work areas."""
+
+    __slots__ = ("_gen", "_keep", "cache", "heads", "pieces", "queue", "scratch", "vq")
+
+    def __init__(self, queue: SplitQueue, scratch: int = 0) -> None:
+        self.queue = queue
+        vq = self.vq = ffi.new("struct vhostd_vq *")
+        self.cache = ffi.new("struct vhostd_tcache *")
+        self.pieces = ffi.new("struct vhostd_piece[]", MAX_PIECES)
+        self.heads = ffi.new("struct vhostd_head[]", MAX_HEADS)
+        self.scratch = ffi.new("uint8_t[]", max(scratch, 1))
+        vq.size = queue.size
+        vq.indirect = queue.indirect
+        vq.max_chain_bytes = queue.max_chain_bytes
+        vq.pieces, vq.max_pieces = self.pieces, MAX_PIECES
+        vq.heads, vq.max_heads = self.heads, MAX_HEADS
+        vq.scratch, vq.scratch_len = self.scratch, scratch
+        self._gen: object = None
+        self._keep: tuple[Any, ...] = ()
+
+    def sync(self) -> None:
+        """Follow ``queue.refresh()``: new ring views and an empty cache if memory moved."""
+        q = self.queue
+        gen = q._gen
+        if gen != self._gen:
+            lib.vhostd_tc_clear(self.cache)
+            vq = self.vq
+            vq.desc = vq.avail = vq.used = ffi.NULL
+            self._keep = ()
+            if gen is not None:
+                keep = tuple(ffi.from_buffer("uint8_t[]", v) for v in (q._desc, q._avail, q._used))
+                vq.desc, vq.avail, vq.used = keep
+                self._keep = keep
+            self._gen = gen
+
+    def fill(self, addr: int, perm: int) -> bool:
+        """Cache the door's extent around ``addr``; False if the reference must decide.
+
+        IotlbMiss and IotlbDenied propagate: they are exactly what the
+        reference raises for the chain C stopped at (C walks it in the same
+        order and every earlier byte was translated and allowed).
+        OutsideMemory is not: the reference checks the IOTLB over the whole
+        descriptor before the memory table, so it gets the chain.
+        """
+        try:
+            start, end, host = self.queue.mem.extent(addr, IotlbPerm(perm))
+        except OutsideMemory:
+            return False
+        lib.vhostd_tc_insert(self.cache, start, end - 1, host, perm)
+        return True
+
+    def error(self) -> QueueError:
+        vq = self.vq
+        fault = _FAULTS[vq.fault]
+        assert fault is not None
+        head, value, limit = int(vq.f_head), int(vq.f_value), int(vq.f_limit)
+        detail = {
+            QueueFault.HEAD_RANGE: f"head {head} >= queue size {limit}",
+            QueueFault.NEXT_RANGE: f"next {value} >= {limit}",
+            QueueFault.LOOP: f"chain at head {head} exceeds {limit}",
+            QueueFault.AVAIL_JUMP: (f"avail index moved {value} past {head} on a ring of {limit}"),
+            QueueFault.INDIRECT_LEN: f"indirect table of {value} bytes",
+            QueueFault.INDIRECT_NESTED: "indirect table inside another",
+            QueueFault.INDIRECT_NEXT: "indirect descriptor with NEXT",
+            QueueFault.INDIRECT_OFF: "indirect descriptor not negotiated",
+            QueueFault.DIRECTION: (
+                f"head {head}: {'read-only' if value else 'writable'} descriptor"
+            ),
+            QueueFault.TOO_LONG: f"head {head}: over {value} bytes",
+        }[fault]
+        return QueueError(fault, detail)
+
+
+def _discards(sink: Sink | None) -> bool:
+    """True when frames only need counting: no sink, or a sink-mode port's session."""
+    if sink is None:
+        return True
+    if getattr(getattr(sink, "__func__", None), "__name__", None) != "_sink":
+        return False
+    port = getattr(getattr(sink, "__self__", None), "port", None)
+    forward = getattr(port, "_forward", None)
+    return getattr(forward, "__name__", None) == "_drop"
+
+
+class FastTxQueue(TxQueue):
+    """``TxQueue`` with the burst loop in C."""
+
+    __slots__ = ("_done", "_frames", "_nframes", "_ring")
+
+    def __init__(
+        self, queue: SplitQueue, features: int, max_frame: int, stats: QueueStats | None = None
+    ) -> None:
+        super().__init__(queue, features, max_frame, stats)
+        self._ring = _Ring(queue, max(SCRATCH, max_frame))
+        self._frames = ffi.new("struct vhostd_frame[]", MAX_BURST)
+        self._nframes = ffi.new("uint32_t *")
+        self._done = ffi.new("uint32_t *")
+
+    def burst(self, sink: Sink | None, limit: int = BURST) -> int:
+        q = self.queue
+        q.refresh()
+        ring = self._ring
+        ring.sync()
+        vq, cache = ring.vq, ring.cache
+        frames, nframes, done_p = self._frames, self._nframes, self._done
+        collect = 0 if _discards(sink) else 1
+        stats = self.stats
+        hdr_len, max_frame = self.hdr_len, self.max_frame
+        done = 0
+        stalls = 0
+        try:
+            while done < limit:
+                vq.last_avail, vq.last_used = q.last_avail, q.last_used
+                rc = lib.vhostd_tx_burst(
+                    vq,
+                    cache,
+                    min(limit - done, MAX_BURST),
+                    hdr_len,
+                    max_frame,
+                    collect,
+                    frames,
+                    nframes,
+                    done_p,
+                )
+                q.last_avail, q.last_used = vq.last_avail, vq.last_used
+                took = done_p[0]
+                done += took
+                if vq.packets or vq.dropped:
+                    stats.packets += vq.packets
+                    stats.bytes += vq.bytes
+                    stats.dropped += vq.dropped
+                    stats.bad_header += vq.bad_header
+                    vq.packets = vq.bytes = vq.dropped = vq.bad_header = 0
+                n = nframes[0]
+                if n:
+                    assert sink is not None
+                    buffer = ffi.buffer
+                    for i in range(n):
+                        f = frames[i]
+                        sink(memoryview(buffer(f.ptr, f.len)))
+                if rc == DONE:
+                    break
+                if took:
+                    stalls = 0
+                if rc == FULL:
+                    continue
+                if rc == NEED:
+                    stalls += 1
+                    if stalls <= lib.VHOSTD_TC_SLOTS and ring.fill(vq.need_addr, vq.need_perm):
+                        continue
+                    rc = SLOW
+                if rc == SLOW:
+                    stalls = 0
+                    one = TxQueue.burst(self, sink, 1)  # the reference takes this chain
+                    if one:
+                        stats.bursts -= 1
+                        done += one
+                        continue
+                    break
+                raise ring.error()
+        finally:
+            if done:
+                q.publish()
+                stats.bursts += 1
+        return done
+
+
+class FastRxQueue(RxQueue):
+    """``RxQueue`` with delivery in C (``flush_backlog`` comes with it)."""
+
+    __slots__ = ("_hdr_c", "_ring")
+
+    def __init__(
+        self,
+        queue: SplitQueue,
+        features: int,
+        stats: QueueStats | None = None,
+        backlog_limit: int = 512,
+    ) -> None:
+        super().__init__(queue, features, stats, backlog_limit)
+        self._ring = _Ring(queue)
+        self._hdr_c = ffi.new("uint8_t[]", bytes(self.hdr))
+
+    def deliver(self, frame: Frame) -> bool:
+        q = self.queue
+        ring = self._ring
+        if q._gen != ring._gen:
+            ring.sync()
+        if ring._gen is None:
+            return RxQueue.deliver(self, frame)  # no views: fail exactly like the reference
+        vq = ring.vq
+        data = ffi.from_buffer("uint8_t[]", frame)
+        stalls = 0
+        while True:
+            vq.last_avail, vq.last_used = q.last_avail, q.last_used
+            rc = lib.vhostd_rx_deliver(
+                vq, ring.cache, data, len(data), self.mergeable, self.hdr_len, self._hdr_c
+            )
+            q.last_avail, q.last_used = vq.last_avail, vq.last_used
+            if rc == DONE:
+                stats = self.stats
+                stats.packets += 1
+                stats.bytes += len(data)
+                return True
+            if rc == NOBUF:
+                return False
+            if rc == DROPPED:
+                self.stats.dropped += 1
+                return True
+            if rc == NEED:
+                stalls += 1
+                if stalls <= lib.VHOSTD_TC_SLOTS and ring.fill(vq.need_addr, vq.need_perm):
+                    continue
+                rc = SLOW
+            if rc == SLOW:
+                return RxQueue.deliver(self, frame)  # the reference takes this frame
+            raise ring.error()
+
+
+TxQueueType: type[TxQueue] = FastTxQueue if ENABLED else TxQueue
+RxQueueType: type[RxQueue] = FastRxQueue if ENABLED else RxQueue
