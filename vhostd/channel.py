@@ -161,11 +161,14 @@ class BackendChannel:
         return True
 
     async def drain(self) -> None:
-        """Read and discard replies until the front-end closes the channel."""
+        """Read and discard replies until either side closes the channel."""
         while True:
             try:
                 async for msg in self._channel.messages():
                     close_fds(msg.fds)
+                return
+            except trio.ClosedResourceError:
+                # We closed it: a new SET_BACKEND_REQ_FD replaced this channel.
                 return
             except ProtocolError as exc:
                 close_fds(exc.fds)
