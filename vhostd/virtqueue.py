@@ -79,6 +79,7 @@ class SplitQueue:
         "_desc",
         "_gen",
         "_used",
+        "_used16",
         "avail_addr",
         "desc_addr",
         "event_idx",
@@ -122,7 +123,7 @@ class SplitQueue:
         self.signalled_used = 0
         self.signalled_valid = False
         self._gen: tuple[int, int] | None = None
-        self._desc = self._avail = self._used = memoryview(b"")
+        self._desc = self._avail = self._used = self._used16 = memoryview(b"")
 
     # -- rings -------------------------------------------------------------
 
@@ -145,12 +146,13 @@ class SplitQueue:
         except OutsideMemory as exc:
             raise QueueError(QueueFault.RING_UNMAPPED, str(exc)) from None
         self._desc, self._avail, self._used = desc, avail, used
+        self._used16 = used.cast("H")
         self._gen = gen
 
     def drop_views(self) -> None:
         """Forget every view into guest memory (the table is about to change)."""
         self._gen = None
-        self._desc = self._avail = self._used = memoryview(b"")
+        self._desc = self._avail = self._used = self._used16 = memoryview(b"")
 
     def sync_from_used(self) -> int:
         """Adopt the used index the driver sees as the place to resume.
@@ -262,9 +264,12 @@ class SplitQueue:
         """Make every ``put`` visible to the driver (x86 keeps stores in order).
 
         A no-op when the views are gone: nothing can have been put since.
+        The index is stored through a 16-bit view, one store: ``pack_into``
+        zeroes its target before writing, and a driver that reads the index
+        in between sees it jump back (DPDK then frees chains it never got back).
         """
         if self._gen is not None:
-            U16.pack_into(self._used, 2, self.last_used)
+            self._used16[1] = self.last_used
 
     @property
     def published(self) -> bool:
@@ -291,13 +296,13 @@ class SplitQueue:
         """Ask the driver to kick on new chains; True if some came meanwhile."""
         self.refresh()
         if self.event_idx:
-            U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail)
+            self._used16[2 + 4 * self.size] = self.last_avail
         else:
-            U16.pack_into(self._used, 0, 0)
+            self._used16[0] = 0
         fence()
         return self.available() != 0
 
     def suppress_kicks(self) -> None:
         """While we are busy polling, kicks only cost the driver a syscall."""
         if not self.event_idx and self._gen == self.mem.generation:
-            U16.pack_into(self._used, 0, USED_F_NO_NOTIFY)
+            self._used16[0] = USED_F_NO_NOTIFY
