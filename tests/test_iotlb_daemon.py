@@ -206,7 +206,7 @@ async def test_rings_invalidated_under_traffic_are_retranslated_without_loss() -
         invalidations = 0
 
         async def receiver() -> None:
-            got.extend(await fe.recv_frames(0, timeout=10, count=n))
+            got.extend(await fe.recv_frames(0, timeout=40, count=n))
 
         async def invalidator(done: trio.Event) -> None:
             nonlocal invalidations
@@ -223,8 +223,8 @@ async def test_rings_invalidated_under_traffic_are_retranslated_without_loss() -
             done = trio.Event()
             nursery.start_soon(receiver)
             nursery.start_soon(invalidator, done)
-            sent = await fe.send_frames(1, frames, timeout=10)
-            await until(lambda: len(got) == n, timeout=10)
+            sent = await fe.send_frames(1, frames, timeout=40)
+            await until(lambda: len(got) == n, timeout=40)
             done.set()
         assert len(sent) == n
         assert [g[12:] for g in got] == [f[12:] for f in frames], "lost or reordered"
