@@ -7,7 +7,7 @@ plain C to be fast.
 The burst loops (``vhostd_tx_burst``, ``vhostd_rx_deliver``) mirror
 ``SplitQueue.walk``, ``TxQueue.burst`` and ``RxQueue.deliver`` check for check.
 They never translate an address themselves: every guest buffer they touch must
-lie inside a range of a small per-queue cache (``struct vhostd_tcache``) that
+lie inside a range of a per-queue cache (``struct vhostd_tcache``) that
 Python filled from ``GuestMemory.extent`` (the one door) and clears whenever the
 memory generation changes. A lookup that finds nothing stops the loop before
 the chain (nothing of it taken) with ``VHOSTD_NEED`` and the address, so Python
@@ -40,15 +40,7 @@ CDEF = """
     #define VHOSTD_NOBUF ...
     #define VHOSTD_DROPPED ...
 
-    struct vhostd_tcache {
-        uint64_t start[...];
-        uint64_t last[...];
-        uint64_t host[...];
-        uint32_t perm[...];
-        uint32_t n;
-        uint32_t next;
-        uint32_t hit;
-    };
+    struct vhostd_tcache { ...; };
     struct vhostd_piece { uint8_t *ptr; uint32_t len; };
     struct vhostd_frame { uint8_t *ptr; uint32_t len; };
     struct vhostd_head { uint32_t id; uint32_t got; };
@@ -80,8 +72,8 @@ CDEF = """
     };
 
     void vhostd_tc_clear(struct vhostd_tcache *c);
-    void vhostd_tc_insert(struct vhostd_tcache *c, uint64_t start, uint64_t last,
-                          uint64_t host, uint32_t perm);
+    void vhostd_tc_insert(struct vhostd_tcache *c, uint64_t addr, uint64_t start,
+                          uint64_t last, uint64_t host, uint32_t perm);
     void vhostd_publish(struct vhostd_vq *q);
     int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t limit,
                         uint32_t hdr_len, uint32_t max_frame, int collect,
@@ -100,6 +92,8 @@ SOURCE = r"""
 static void vhostd_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 #define VHOSTD_TC_SLOTS 32
+#define VHOSTD_TC_PAGES 4096
+#define VHOSTD_TC_BIG 0x10000
 
 /* Return codes of the burst functions. */
 #define VHOSTD_DONE 0      /* finished what was asked */
@@ -120,14 +114,24 @@ enum { F_HEAD_RANGE = 1, F_NEXT_RANGE, F_LOOP, F_AVAIL_JUMP, F_INDIRECT_LEN,
 #define MAX_QUEUE_SIZE 32768
 #define MIN_FRAME 14
 
+/* A cached range: [start, last] at local address host, allowed perm. */
+struct range {
+    uint64_t start;
+    uint64_t last;     /* inclusive: a range may end at 2**64 */
+    uint64_t host;     /* local address of start */
+    uint32_t perm;
+    uint32_t epoch;    /* valid while equal to the cache's epoch */
+};
+/* Large ranges (memory regions without an IOTLB) sit in a few linearly scanned
+   slots; small ones (4 KiB IOTLB pages) in a table indexed by page number, so
+   a ring whose buffers span hundreds of pages does not thrash. */
 struct vhostd_tcache {
-    uint64_t start[VHOSTD_TC_SLOTS];
-    uint64_t last[VHOSTD_TC_SLOTS];   /* inclusive: a range may end at 2**64 */
-    uint64_t host[VHOSTD_TC_SLOTS];   /* local address of start */
-    uint32_t perm[VHOSTD_TC_SLOTS];
+    struct range big[VHOSTD_TC_SLOTS];
+    struct range page[VHOSTD_TC_PAGES];
     uint32_t n;
     uint32_t next;
     uint32_t hit;
+    uint32_t epoch;
 };
 struct vhostd_piece { uint8_t *ptr; uint32_t len; };
 struct vhostd_frame { uint8_t *ptr; uint32_t len; };
@@ -161,44 +165,69 @@ struct vhostd_vq {
 
 struct desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
 
-static void vhostd_tc_clear(struct vhostd_tcache *c) { c->n = c->next = c->hit = 0; }
-
-static void vhostd_tc_insert(struct vhostd_tcache *c, uint64_t start, uint64_t last,
-                             uint64_t host, uint32_t perm)
+static void vhostd_tc_clear(struct vhostd_tcache *c)
 {
-    uint32_t i;
-    if (c->n < VHOSTD_TC_SLOTS) {
-        i = c->n++;
-    } else {
-        i = c->next;
-        c->next = (c->next + 1) % VHOSTD_TC_SLOTS;
+    c->n = c->next = c->hit = 0;
+    if (++c->epoch == 0) {       /* wrapped: forget every page slot for real */
+        memset(c->page, 0, sizeof c->page);
+        c->epoch = 1;
     }
-    c->start[i] = start;
-    c->last[i] = last;
-    c->host[i] = host;
-    c->perm[i] = perm;
-    c->hit = i;
 }
 
-/* The slot whose range holds a with perm, or -1. */
-static inline int tc_find(struct vhostd_tcache *c, uint64_t a, uint32_t perm)
+static void vhostd_tc_insert(struct vhostd_tcache *c, uint64_t addr, uint64_t start,
+                             uint64_t last, uint64_t host, uint32_t perm)
 {
-    uint32_t i = c->hit;
-    if (i < c->n && c->start[i] <= a && a <= c->last[i] && (c->perm[i] & perm) == perm)
-        return (int)i;
+    struct range *r;
+    if (c->epoch == 0)
+        c->epoch = 1;
+    if (last - start >= VHOSTD_TC_BIG) {
+        uint32_t i;
+        if (c->n < VHOSTD_TC_SLOTS) {
+            i = c->n++;
+        } else {
+            i = c->next;
+            c->next = (c->next + 1) % VHOSTD_TC_SLOTS;
+        }
+        c->hit = i;
+        r = &c->big[i];
+    } else {
+        r = &c->page[(addr >> 12) % VHOSTD_TC_PAGES];
+    }
+    r->start = start;
+    r->last = last;
+    r->host = host;
+    r->perm = perm;
+    r->epoch = c->epoch;
+}
+
+static inline int in_range(const struct range *r, uint64_t a, uint32_t perm)
+{
+    return r->start <= a && a <= r->last && (r->perm & perm) == perm;
+}
+
+/* The cached range holding a with perm, or NULL. */
+static inline const struct range *tc_find(struct vhostd_tcache *c, uint64_t a, uint32_t perm)
+{
+    const struct range *r = &c->page[(a >> 12) % VHOSTD_TC_PAGES];
+    uint32_t i;
+    if (c->epoch && r->epoch == c->epoch && in_range(r, a, perm))
+        return r;
+    i = c->hit;
+    if (i < c->n && in_range(&c->big[i], a, perm))
+        return &c->big[i];
     for (i = 0; i < c->n; i++) {
-        if (c->start[i] <= a && a <= c->last[i] && (c->perm[i] & perm) == perm) {
+        if (in_range(&c->big[i], a, perm)) {
             c->hit = i;
-            return (int)i;
+            return &c->big[i];
         }
     }
-    return -1;
+    return NULL;
 }
 
-/* [a, a+len) fits in the range of slot s (len >= 1, a in range). */
-static inline int tc_covers(struct vhostd_tcache *c, int s, uint64_t a, uint64_t len)
+/* [a, a+len) fits in r (len >= 1, a in r). */
+static inline int tc_covers(const struct range *r, uint64_t a, uint64_t len)
 {
-    return len - 1 <= c->last[s] - a;
+    return len - 1 <= r->last - a;
 }
 
 static inline int fault(struct vhostd_vq *q, uint32_t kind, uint64_t head, uint64_t value,
@@ -266,7 +295,7 @@ static int walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int
     for (;;) {
         memcpy(&d, table + 16 * (size_t)i, 16);   /* each descriptor is read once */
         if (d.flags & DESC_F_INDIRECT) {
-            int s;
+            const struct range *s;
             if (!q->indirect)
                 return fault(q, F_INDIRECT_OFF, head, 0, 0);
             if (nested)
@@ -278,11 +307,11 @@ static int walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int
             if (d.addr + d.len < d.addr && d.addr + d.len != 0)
                 return VHOSTD_SLOW;                /* past 2**64: the reference words it */
             s = tc_find(c, d.addr, 1);
-            if (s < 0)
+            if (!s)
                 return need(q, d.addr, 1);
-            if (!tc_covers(c, s, d.addr, d.len))
+            if (!tc_covers(s, d.addr, d.len))
                 return VHOSTD_SLOW;                /* one view or not: the reference decides */
-            table = (const uint8_t *)(uintptr_t)(c->host[s] + (d.addr - c->start[s]));
+            table = (const uint8_t *)(uintptr_t)(s->host + (d.addr - s->start));
             limit = d.len / 16;
             i = seen = 0;
             nested = 1;
@@ -303,14 +332,14 @@ static int walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int
                 *first_len = d.len;
             while (rem) {
                 uint64_t room1, n;
-                int s = tc_find(c, a, perm);
-                if (s < 0)
+                const struct range *s = tc_find(c, a, perm);
+                if (!s)
                     return need(q, a, perm);
                 if (*np >= q->max_pieces)
                     return VHOSTD_SLOW;
-                room1 = c->last[s] - a;            /* bytes left in the range, minus one */
+                room1 = s->last - a;               /* bytes left in the range, minus one */
                 n = rem - 1 <= room1 ? rem : room1 + 1;
-                q->pieces[*np].ptr = (uint8_t *)(uintptr_t)(c->host[s] + (a - c->start[s]));
+                q->pieces[*np].ptr = (uint8_t *)(uintptr_t)(s->host + (a - s->start));
                 q->pieces[*np].len = (uint32_t)n;
                 (*np)++;
                 a += n;

@@ -21,12 +21,13 @@ from typing import Any
 
 from protocol.enums import IotlbPerm
 
+from . import net
 from ._native import ffi, lib
 from .guestmem import OutsideMemory
-from .net import BURST, Frame, QueueStats, RxQueue, Sink, TxQueue
+from .net import BURST, Frame, QueueStats, Sink
 from .virtqueue import QueueError, QueueFault, SplitQueue
 
-__all__ = ["ENABLED", "FastRxQueue", "FastTxQueue", "RxQueueType", "TxQueueType"]
+__all__ = ["ENABLED", "FastRxQueue", "FastTxQueue", "RxQueue", "TxQueue"]
 
 ENABLED = os.environ.get("VHOSTD_FASTPATH", "1") != "0"
 """Whether sessions use the C path (set VHOSTD_FASTPATH=0 for the reference)."""
@@ -111,7 +112,7 @@ class _Ring:
             start, end, host = self.queue.mem.extent(addr, IotlbPerm(perm))
         except OutsideMemory:
             return False
-        lib.vhostd_tc_insert(self.cache, start, end - 1, host, perm)
+        lib.vhostd_tc_insert(self.cache, addr, start, end - 1, host, perm)
         return True
 
     def error(self) -> QueueError:
@@ -147,7 +148,7 @@ def _discards(sink: Sink | None) -> bool:
     return getattr(forward, "__name__", None) == "_drop"
 
 
-class FastTxQueue(TxQueue):
+class FastTxQueue(net.TxQueue):
     """``TxQueue`` with the burst loop in C."""
 
     __slots__ = ("_done", "_frames", "_nframes", "_ring")
@@ -216,7 +217,7 @@ class FastTxQueue(TxQueue):
                     rc = SLOW
                 if rc == SLOW:
                     stalls = 0
-                    one = TxQueue.burst(self, sink, 1)  # the reference takes this chain
+                    one = net.TxQueue.burst(self, sink, 1)  # the reference takes this chain
                     if one:
                         stats.bursts -= 1
                         done += one
@@ -230,7 +231,7 @@ class FastTxQueue(TxQueue):
         return done
 
 
-class FastRxQueue(RxQueue):
+class FastRxQueue(net.RxQueue):
     """``RxQueue`` with delivery in C (``flush_backlog`` comes with it)."""
 
     __slots__ = ("_hdr_c", "_ring")
@@ -252,7 +253,7 @@ class FastRxQueue(RxQueue):
         if q._gen != ring._gen:
             ring.sync()
         if ring._gen is None:
-            return RxQueue.deliver(self, frame)  # no views: fail exactly like the reference
+            return net.RxQueue.deliver(self, frame)  # no views: fail exactly like the reference
         vq = ring.vq
         data = ffi.from_buffer("uint8_t[]", frame)
         stalls = 0
@@ -278,9 +279,10 @@ class FastRxQueue(RxQueue):
                     continue
                 rc = SLOW
             if rc == SLOW:
-                return RxQueue.deliver(self, frame)  # the reference takes this frame
+                return net.RxQueue.deliver(self, frame)  # the reference takes this frame
             raise ring.error()
 
 
-TxQueueType: type[TxQueue] = FastTxQueue if ENABLED else TxQueue
-RxQueueType: type[RxQueue] = FastRxQueue if ENABLED else RxQueue
+# What sessions construct: ``from .fastpath import RxQueue, TxQueue``.
+TxQueue: type[net.TxQueue] = FastTxQueue if ENABLED else net.TxQueue
+RxQueue: type[net.RxQueue] = FastRxQueue if ENABLED else net.RxQueue
