@@ -42,11 +42,11 @@ from protocol import (
 )
 
 from .channel import BackendChannel, Channel, close_fds
+from .fastpath import RxQueue, TxQueue
 from .guestmem import AccessError, GuestMemory
 from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbMiss
 from .memory import MemoryError_
 from .memory import MemoryTable as RegionTable
-from .net import RxQueue, TxQueue
 from .virtqueue import MAX_QUEUE_SIZE, QueueError, SplitQueue, ring_sizes
 from .vring import Vring, close_fd, drain, signal
 
