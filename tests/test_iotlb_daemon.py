@@ -396,3 +396,24 @@ async def test_update_that_arrives_while_the_miss_is_being_sent_is_not_lost() ->
             assert len(await fe.send_frames(1, [frame(i) for i in range(5)])) == 5
         assert p0.stats.iotlb_miss_timeouts == 0
         assert p0.stats.iotlb_miss_time.count > 0
+
+
+@pytest.mark.trio
+async def test_a_queue_that_misses_asks_for_the_next_chains_pages_at_once() -> None:
+    """One MISS round trip per burst, not per packet: the next chains' pages go out together."""
+    async with ports("sink") as (_, (p0,)), Frontend.connect(p0.config.socket) as fe:
+        fe.viommu.policy.mode = MissMode.DELAY
+        fe.viommu.policy.delay = 0.05
+        await fe.net_setup(iommu=True)
+        await fe.send_frames(1, [frame(0)], timeout=15)  # rings translated
+        start = len(fe.viommu.log)
+        n = 16
+        assert len(await fe.send_frames(1, [frame(i) for i in range(n)], timeout=15)) == n
+        events = fe.viommu.log[start:]
+        first_update = next(i for i, e in enumerate(events) if e.msg.type == IotlbType.UPDATE)
+        asked_before = {
+            e.msg.iova & ~(PAGE - 1) for e in events[:first_update] if e.msg.type == IotlbType.MISS
+        }
+        assert len(asked_before) == n, "every posted buffer's page asked for in one go"
+        assert p0.stats.queue(1).packets == n + 1
+        assert p0.stats.iotlb_miss_timeouts == 0

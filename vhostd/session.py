@@ -44,7 +44,7 @@ from protocol import (
 from .channel import BackendChannel, Channel, close_fds
 from .fastpath import RxQueue, TxQueue
 from .guestmem import AccessError, GuestMemory
-from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbMiss
+from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbError, IotlbMiss
 from .memory import MemoryError_
 from .memory import MemoryTable as RegionTable
 from .virtqueue import MAX_QUEUE_SIZE, QueueError, SplitQueue, ring_sizes
@@ -61,6 +61,8 @@ VF = VirtioFeature
 PF = ProtocolFeature
 
 MAX_MEM_SLOTS = 64
+MISS_LOOKAHEAD = 64
+"""How many available chains a queue that missed scans for more pages to ask for."""
 MISS_TIMEOUT = 2.0
 """Seconds a queue waits for the front-end to answer a MISS before giving up.
 
@@ -596,21 +598,24 @@ class Session:
                 await self._resolve_miss(vring, miss)
 
     async def _resolve_miss(self, vring: Vring, miss: IotlbMiss) -> None:
-        """Send one MISS per page and wait, bounded, for the UPDATE."""
+        """Send one MISS per page and wait, bounded, for the UPDATE.
+
+        The pages the next available chains will need are asked for at the
+        same time: QEMU answers each MISS in a round trip through its main
+        loop, and a queue that asked one page at a time would pay that round
+        trip once per packet.
+        """
         key = (miss.page(), int(miss.perm))
         # Taken before the MISS goes out: the UPDATE can be handled while send_iotlb
         # awaits, and it replaces iotlb_changed with a fresh Event nobody will set.
         changed = self.iotlb_changed
         sent = self._misses.get(key)
         if sent is None:
-            backend = self.backend
-            sent = self._misses[key] = trio.current_time()  # before the UPDATE can answer it
-            if backend is None or not await backend.send_iotlb(
-                IotlbType.MISS, miss.iova, miss.perm
-            ):
-                self._misses.pop(key, None)
-                raise AccessError(f"IOTLB miss at {miss.iova:#x} and no back-end channel")
-            self.stats.iotlb_miss_sent += 1
+            sent = await self._send_miss(miss, key)
+        for ahead in self._misses_ahead(vring):
+            ahead_key = (ahead.page(), int(ahead.perm))
+            if ahead_key not in self._misses:
+                await self._send_miss(ahead, ahead_key)
         with trio.move_on_at(sent + self.miss_timeout):
             await changed.wait()
             return
@@ -618,6 +623,35 @@ class Session:
         self.stats.iotlb_miss_timeouts += 1
         await self._access_failed(miss.iova, miss.perm)
         raise AccessError(f"IOTLB miss at iova {miss.iova:#x} unanswered for {self.miss_timeout}s")
+
+    async def _send_miss(self, miss: IotlbMiss, key: tuple[int, int]) -> float:
+        backend = self.backend
+        sent = self._misses[key] = trio.current_time()  # before the UPDATE can answer it
+        if backend is None or not await backend.send_iotlb(IotlbType.MISS, miss.iova, miss.perm):
+            self._misses.pop(key, None)
+            raise AccessError(f"IOTLB miss at {miss.iova:#x} and no back-end channel")
+        self.stats.iotlb_miss_sent += 1
+        return sent
+
+    def _misses_ahead(self, vring: Vring) -> list[IotlbMiss]:
+        """The translations the next available chains lack, found without taking them."""
+        q = vring.tx or vring.rx
+        if q is None or self.mem.iotlb is None:
+            return []
+        queue = q.queue
+        found: list[IotlbMiss] = []
+        views: list[memoryview] = []
+        try:
+            queue.refresh()
+            for nth in range(min(queue.available(), MISS_LOOKAHEAD)):
+                views.clear()
+                try:
+                    queue.walk(queue.head(nth), vring.is_rx, views)
+                except IotlbMiss as ahead:
+                    found.append(ahead)
+        except (IotlbError, QueueError, AccessError):
+            pass  # whatever is wrong is reported when the queue gets there
+        return found
 
     def _misses_answered(self, iova: int, size: int) -> None:
         if not self._misses:
