@@ -1,0 +1,299 @@
+"""vhostd vs DPDK net_vhost, driven by DPDK virtio-user: one command, one table.
+
+For each case, each round runs the same DPDK virtio-user load generator first
+against ``vhostd run`` and then against DPDK's net_vhost back-end (testpmd), with
+the same devargs, packet size and pinning: the front-end's forwarding lcore on
+CPU 1, the back-end on CPU 0 (vhostd through ``taskset -c 0``; net_vhost's
+forwarding lcore pinned there). Throughput is what the front-end counted over
+the window (its TX for sink cases, its RX for reflect cases, where every frame
+made the round trip). vhostd's CPU cost comes from /proc/PID/stat utime+stime
+over the same window.
+
+Cases: front-end txonly into a sink (vhostd ``--mode sink``, net_vhost rxonly)
+at 64 and 1518 bytes; reflect/loopback at 64 bytes (front-end flowgen; vhostd
+``--mode reflect``, net_vhost macswap), which is also the back-end-to-front-end
+direction; mrg_rxbuf on and off; 1 and 2 queue pairs. Then idle CPU of each
+back-end with a connected, silent front-end, and the IOTLB cases (translate cost
+with 16 vs 65,536 entries; a sink port with the IOTLB on vs off, in-process with
+the simulator since virtio-user cannot negotiate ACCESS_PLATFORM).
+
+The load average is printed before and after: on a shared 2-core machine the
+numbers mean something only relative to each other within one run.
+
+Run: .venv/bin/python bench/run.py [--quick] [--rounds N] [--seconds S] [--case TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.daemon import VhostdProcess  # noqa: E402
+from tests.lab.dpdk import Testpmd, VhostBackend, VirtioUser  # noqa: E402
+
+FRONTEND_LCORES = "0@(0,1),1@1"
+BACKEND_LCORES = "0@(0,1),1@0"
+BACKEND_CPU = "0"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    name: str
+    frontend_mode: str  # testpmd forward mode of the virtio-user load generator
+    vhostd_mode: str
+    dpdk_mode: str  # testpmd forward mode of the net_vhost reference
+    size: int = 64
+    queues: int = 1
+    mrg_rxbuf: bool = True
+    counted: str = "tx"  # which front-end counter is the throughput
+
+
+CASES = (
+    Case("txonly 64B -> sink", "txonly", "sink", "rxonly"),
+    Case("txonly 1518B -> sink", "txonly", "sink", "rxonly", size=1518),
+    Case("txonly 64B -> sink, mrg off", "txonly", "sink", "rxonly", mrg_rxbuf=False),
+    Case("txonly 64B -> sink, 2 qp", "txonly", "sink", "rxonly", queues=2),
+    Case("reflect 64B (flowgen rx)", "flowgen", "reflect", "macswap", counted="rx"),
+    Case("reflect 64B, mrg off", "flowgen", "reflect", "macswap", mrg_rxbuf=False, counted="rx"),
+    Case("reflect 64B, 2 qp", "flowgen", "reflect", "macswap", queues=2, counted="rx"),
+)
+
+
+@dataclass(slots=True)
+class Sample:
+    mpps: float
+    cpu_s_per_mpkt: float | None = None  # the back-end's CPU per million packets
+
+
+@dataclass(slots=True)
+class Result:
+    case: Case
+    vhostd: list[Sample] = field(default_factory=list)
+    dpdk: list[Sample] = field(default_factory=list)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def loadavg() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+@contextmanager
+def vhostd_backend(workdir: Path, sock: Path, mode: str) -> Iterator[int]:
+    args = ["--socket", str(sock), "--mode", mode, "--control-socket", str(workdir / "ctl.sock")]
+    args += ["--log-level", "warning"]
+    wrapper = ["taskset", "-c", BACKEND_CPU] if shutil.which("taskset") else []
+    proc = VhostdProcess(args, workdir / "vhostd.log", wrapper=wrapper)
+    with proc:
+        proc.start(wait_for=[sock])
+        assert proc.proc is not None
+        yield proc.proc.pid  # taskset execs: the PID is vhostd's
+
+
+@contextmanager
+def dpdk_backend(workdir: Path, sock: Path, mode: str, queues: int) -> Iterator[int]:
+    pmd = Testpmd(
+        [VhostBackend(sock, queues=queues)],
+        workdir,
+        forward_mode=mode,
+        lcores=BACKEND_LCORES,
+        name="net_vhost",
+    )
+    with pmd:
+        pmd.start_forwarding()
+        assert pmd.proc is not None
+        yield pmd.proc.pid
+
+
+def frontend(workdir: Path, sock: Path, case: Case) -> Testpmd:
+    return Testpmd(
+        [VirtioUser(sock, queues=case.queues, mrg_rxbuf=case.mrg_rxbuf)],
+        workdir,
+        forward_mode=case.frontend_mode,
+        txpkts=case.size,
+        lcores=FRONTEND_LCORES,
+        name="virtio-user",
+    )
+
+
+def measure(fe: Testpmd, backend_pid: int, case: Case, seconds: float) -> Sample:
+    """Forward for a warm-up, then count over ``seconds`` of steady state."""
+    fe.wait_link_up()
+    fe.start_forwarding()
+    time.sleep(min(1.0, seconds / 2))
+    fe.clear_stats()
+    cpu0, t0 = cpu_seconds(backend_pid), time.monotonic()
+    time.sleep(seconds)
+    stats = fe.port_stats()[0]
+    cpu1, t1 = cpu_seconds(backend_pid), time.monotonic()
+    fe.stop_forwarding()
+    if not fe.running():
+        raise RuntimeError(f"testpmd died during {case.name}")
+    packets = stats.tx_packets if case.counted == "tx" else stats.rx_packets
+    mpkts = packets / 1e6
+    return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None)
+
+
+def run_case(case: Case, workdir: Path, seconds: float, result: Result) -> None:
+    sock = workdir / "bench.sock"
+    with (
+        vhostd_backend(workdir, sock, case.vhostd_mode) as pid,
+        frontend(workdir, sock, case) as fe,
+    ):
+        result.vhostd.append(measure(fe, pid, case, seconds))
+    sock.unlink(missing_ok=True)
+    with (
+        dpdk_backend(workdir, sock, case.dpdk_mode, case.queues) as pid,
+        frontend(workdir, sock, case) as fe,
+    ):
+        result.dpdk.append(measure(fe, pid, case, seconds))
+    sock.unlink(missing_ok=True)
+
+
+def idle_cpu(workdir: Path, seconds: float) -> tuple[float, float]:
+    """CPU seconds each back-end burns over ``seconds`` with a connected, silent front-end."""
+    case = CASES[0]
+    sock = workdir / "idle.sock"
+    out = []
+    backends: list[Callable[[], object]] = [
+        lambda: vhostd_backend(workdir, sock, "sink"),
+        lambda: dpdk_backend(workdir, sock, "rxonly", 1),
+    ]
+    for make in backends:
+        with make() as pid, frontend(workdir, sock, case) as fe:  # type: ignore[attr-defined]
+            fe.wait_link_up()
+            time.sleep(0.5)
+            cpu0 = cpu_seconds(pid)
+            time.sleep(seconds)
+            out.append(cpu_seconds(pid) - cpu0)
+        sock.unlink(missing_ok=True)
+    return out[0], out[1]
+
+
+def summary(samples: list[float]) -> str:
+    if not samples:
+        return "-"
+    med = statistics.median(samples)
+    if len(samples) == 1:
+        return f"{med:.3f}"
+    return f"{med:.3f} [{min(samples):.3f}-{max(samples):.3f}]"
+
+
+def print_table(results: list[Result]) -> None:
+    head = ("case", "vhostd Mpps", "DPDK Mpps", "ratio", "vhostd CPU s/Mpkt")
+    rows = [head]
+    for r in results:
+        v = [s.mpps for s in r.vhostd]
+        d = [s.mpps for s in r.dpdk]
+        cpu = [s.cpu_s_per_mpkt for s in r.vhostd if s.cpu_s_per_mpkt is not None]
+        ratio = (
+            statistics.median(v) / statistics.median(d) if v and d and statistics.median(d) else 0
+        )
+        rows.append((r.case.name, summary(v), summary(d), f"{ratio:.4f}", summary(cpu)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    for n, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)), flush=True)
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def iotlb_cases(seconds: float, quick: bool) -> None:
+    from bench import iotlb_bench, iotlb_pps
+
+    print("\n## IOTLB", flush=True)
+    if quick:
+        iotlb_bench.LOOKUPS, iotlb_bench.REPEATS = 20_000, 2
+    small, large = iotlb_bench.time_translate(16), iotlb_bench.time_translate(65_536)
+    print(
+        f"translate: {small:.0f} ns/op with 16 live entries, {large:.0f} ns/op with 65,536 "
+        f"({large / small:.2f}x)"
+    )
+
+    off = iotlb_pps.measure(False, seconds)
+    on = iotlb_pps.measure(True, seconds)
+    for run in (off, on):
+        print(
+            f"sink port, iommu {'on (all hits)' if run.iommu else 'off          '}: "
+            f"{run.pps / 1e3:7.1f} kpps with the simulator, "
+            f"{run.device_us_per_packet:5.2f} us/packet in vhostd's TX burst, "
+            f"IOTLB misses during the window: {run.misses}"
+        )
+    print(
+        f"IOTLB on/off: throughput {on.pps / off.pps:.2f}x, "
+        f"device time per packet {on.device_us_per_packet / off.device_us_per_packet:.2f}x"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, short windows")
+    parser.add_argument("--rounds", type=int, help="rounds per case (default 3; quick 1)")
+    parser.add_argument("--seconds", type=float, help="window per run (default 5; quick 1)")
+    parser.add_argument("--idle-seconds", type=float, help="idle window (default 10; quick 2)")
+    parser.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        help="only the case named TEXT, else cases containing TEXT",
+    )
+    parser.add_argument("--no-idle", action="store_true", help="skip the idle CPU measurement")
+    parser.add_argument("--no-iotlb", action="store_true", help="skip the IOTLB cases")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 3)
+    seconds = args.seconds or (1.0 if args.quick else 5.0)
+    idle_seconds = args.idle_seconds or (2.0 if args.quick else 10.0)
+    exact = [c for c in CASES if c.name in args.case]
+    cases = exact or [c for c in CASES if not args.case or any(t in c.name for t in args.case)]
+    if not cases:
+        parser.error(f"no case matches {args.case}")
+
+    print(f"# vhostd vs DPDK net_vhost ({os.cpu_count()} CPUs), load average {loadavg()}")
+    print(f"# {rounds} round(s) x {len(cases)} case(s), {seconds:g} s windows", flush=True)
+    results = [Result(c) for c in cases]
+    with tempfile.TemporaryDirectory(prefix="vhd-bench-") as tmp:
+        workdir = Path(tmp)
+        for n in range(rounds):
+            for result in results:
+                run_case(result.case, workdir, seconds, result)
+                v, d = result.vhostd[-1], result.dpdk[-1]
+                print(
+                    f"round {n + 1} {result.case.name}: vhostd {v.mpps:.3f} Mpps, "
+                    f"DPDK {d.mpps:.3f} Mpps (load {loadavg()})",
+                    flush=True,
+                )
+        print()
+        print_table(results)
+        if not args.no_idle:
+            vh, dp = idle_cpu(workdir, idle_seconds)
+            print(
+                f"\nidle, front-end connected and silent, {idle_seconds:g} s: "
+                f"vhostd {vh:.3f} CPU s ({100 * vh / idle_seconds:.1f}%), "
+                f"DPDK net_vhost {dp:.3f} CPU s ({100 * dp / idle_seconds:.1f}%, a poller)"
+            )
+    if not args.no_iotlb:
+        iotlb_cases(seconds, args.quick)
+    print(f"\n# load average at the end {loadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
