@@ -1,0 +1,41 @@
+"""bench/run.py --quick on its smallest case: both back-ends run and the table prints."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.daemon import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def test_bench_quick_smoke(testpmd_binary: str) -> None:
+    """One round of txonly into vhostd's sink and into net_vhost: both rates are real."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--quick",
+            "--case",
+            "txonly 64B -> sink",
+            "--no-idle",
+            "--no-iotlb",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    row = re.search(
+        r"^txonly 64B -> sink\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out.stdout, re.M
+    )
+    assert row, out.stdout
+    vhostd_mpps, dpdk_mpps, ratio, cpu = map(float, row.groups())
+    assert vhostd_mpps > 0.01 and dpdk_mpps > 0.01, out.stdout
+    assert ratio == pytest.approx(vhostd_mpps / dpdk_mpps, rel=0.05)
+    assert cpu > 0  # the back-end did burn CPU for the packets it took
