@@ -182,10 +182,11 @@ class Port:
         self.session = session
         try:
             await session.run()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.warning("%s: connection lost: %s", self.name, exc)
-        except Exception:
-            # A bug must cost one connection, never the daemon and its other ports.
+        except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as lost:
+            log.warning("%s: connection lost: %s", self.name, lost.exceptions[0])
+        except* Exception:
+            # A bug must cost one connection, never the daemon and its other ports;
+            # cancellation (the daemon or port stopping) still goes through.
             self.stats.protocol_errors["internal_error"] += 1
             log.exception("%s: session failed", self.name)
         finally:

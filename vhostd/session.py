@@ -172,6 +172,9 @@ class Session:
             except RequestFailed as exc:
                 log.error("%s: %s; closing the connection", self.name, exc)
                 return
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("%s: front-end gone while answering: %s", self.name, exc)
+                return
 
     async def _dispatch(
         self, handlers: dict[FrontendRequest, Callable[[Message], Payload]], msg: Message

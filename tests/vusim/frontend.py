@@ -425,7 +425,12 @@ class Frontend:
         policy = self.viommu.policy
         if policy.mode is MissMode.NEVER:
             return
-        update = self.viommu.answer_miss(miss.iova, miss.perm)
+        try:
+            update = self.viommu.answer_miss(miss.iova, miss.perm)
+        except ValueError:
+            if self.ram.regions:
+                raise
+            return  # a MISS that raced the teardown: the guest RAM is already gone
         if update is None:
             return
         if policy.mode is MissMode.DELAY:
