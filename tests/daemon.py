@@ -53,10 +53,14 @@ class VhostdProcess:
 
     def __init__(self, args: Sequence[str], log_path: Path, *, wrapper: Sequence[str] = ()) -> None:
         self.args = list(args)
-        if "--control-socket" not in self.args:
+        if "--control-socket" not in self.args and "--config" not in self.args:
             ctl = tempfile.mktemp(prefix="vhd-ctl-", suffix=".sock", dir="/tmp")
             self.args += ["--control-socket", ctl]
-        self.control_socket = Path(self.args[self.args.index("--control-socket") + 1])
+        self.control_socket = (
+            Path(self.args[self.args.index("--control-socket") + 1])
+            if "--control-socket" in self.args
+            else None
+        )
         self.log_path = log_path
         self.wrapper = list(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
