@@ -4,8 +4,9 @@ API mode (not ABI mode) because the data path needs a real memory fence, which
 only a compiler can emit, and because the burst loops that live here must be
 plain C to be fast.
 
-The burst loops (``vhostd_tx_burst``, ``vhostd_rx_deliver``) mirror
-``SplitQueue.walk``, ``TxQueue.burst`` and ``RxQueue.deliver`` check for check.
+The burst loops (``vhostd_tx_burst``, ``vhostd_rx_deliver`` and its per-burst
+``vhostd_rx_deliver_batch``) mirror ``SplitQueue.walk``, ``TxQueue.burst`` and
+``RxQueue.deliver`` check for check.
 They never translate an address themselves: every guest buffer they touch must
 lie inside a range of a per-queue cache (``struct vhostd_tcache``) that
 Python filled from ``GuestMemory.extent`` (the one door) and clears whenever the
@@ -39,6 +40,7 @@ CDEF = """
     #define VHOSTD_FULL ...
     #define VHOSTD_NOBUF ...
     #define VHOSTD_DROPPED ...
+    #define VHOSTD_OTHER ...
 
     struct vhostd_tcache { ...; };
     struct vhostd_piece { uint8_t *ptr; uint32_t len; };
@@ -81,6 +83,10 @@ CDEF = """
     int vhostd_rx_deliver(struct vhostd_vq *q, struct vhostd_tcache *c,
                           const uint8_t *frame, uint32_t flen, int mergeable,
                           uint32_t hdr_len, const uint8_t *hdr);
+    int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
+                                const struct vhostd_frame *frames, uint32_t n, int mergeable,
+                                uint32_t hdr_len, const uint8_t *hdr, int swap,
+                                uint32_t nsel, uint32_t want, uint32_t *done);
 """
 
 SOURCE = r"""
@@ -103,6 +109,7 @@ static void vhostd_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 #define VHOSTD_FULL 4      /* TX collect: scratch space used up; call again */
 #define VHOSTD_NOBUF 5     /* RX: no (or not enough) buffers; nothing taken */
 #define VHOSTD_DROPPED 6   /* RX: frame dropped (chain too small); nothing taken */
+#define VHOSTD_OTHER 7     /* RX batch: the next frame hashes to another RX queue */
 
 /* Fault codes, in QueueFault order. */
 enum { F_HEAD_RANGE = 1, F_NEXT_RANGE, F_LOOP, F_AVAIL_JUMP, F_INDIRECT_LEN,
@@ -511,6 +518,53 @@ static int vhostd_rx_deliver(struct vhostd_vq *q, struct vhostd_tcache *c,
         }
     }
     return VHOSTD_DONE;
+}
+
+/* RxQueue.deliver for each of n frames in order, stopping before the first one
+   that is neither delivered nor dropped (its rc is returned, *done frames were
+   handled and counted in packets/bytes/dropped). With nsel > 1 RX queues, it
+   also stops before a frame that Session.send would hash to another queue than
+   want. Each frame is first copied to
+   q->scratch, MACs swapped if asked (what Port._reflect's bytearray does): the
+   source may be guest memory that this very delivery overwrites. */
+static int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
+                                   const struct vhostd_frame *frames, uint32_t n, int mergeable,
+                                   uint32_t hdr_len, const uint8_t *hdr, int swap,
+                                   uint32_t nsel, uint32_t want, uint32_t *done)
+{
+    uint32_t k;
+    int rc = VHOSTD_DONE;
+    for (k = 0; k < n; k++) {
+        const uint8_t *f = frames[k].ptr;
+        uint32_t flen = frames[k].len;
+        if (flen > q->scratch_len || (flen < 12 && (swap || nsel > 1))) {
+            rc = VHOSTD_SLOW;
+            break;
+        }
+        if (nsel > 1 && (uint32_t)(f[5] ^ f[11]) % nsel != want) {
+            rc = VHOSTD_OTHER;
+            break;
+        }
+        if (swap) {
+            memcpy(q->scratch, f + 6, 6);
+            memcpy(q->scratch + 6, f, 6);
+            memcpy(q->scratch + 12, f + 12, flen - 12);
+        } else {
+            memcpy(q->scratch, f, flen);
+        }
+        rc = vhostd_rx_deliver(q, c, q->scratch, flen, mergeable, hdr_len, hdr);
+        if (rc == VHOSTD_DONE) {
+            q->packets++;
+            q->bytes += flen;
+        } else if (rc == VHOSTD_DROPPED) {
+            q->dropped++;
+            rc = VHOSTD_DONE;
+        } else {
+            break;
+        }
+    }
+    *done = k;
+    return rc;
 }
 """
 

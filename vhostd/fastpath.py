@@ -24,10 +24,11 @@ from protocol.enums import IotlbPerm
 from . import net
 from ._native import ffi, lib
 from .guestmem import OutsideMemory
+from .iotlb import IotlbError
 from .net import BURST, Frame, QueueStats, Sink
 from .virtqueue import QueueError, QueueFault, SplitQueue
 
-__all__ = ["ENABLED", "FastRxQueue", "FastTxQueue", "RxQueue", "TxQueue"]
+__all__ = ["ENABLED", "FastRxQueue", "FastTxQueue", "FrameBurst", "RxQueue", "TxQueue"]
 
 ENABLED = os.environ.get("VHOSTD_FASTPATH", "1") != "0"
 """Whether sessions use the C path (set VHOSTD_FASTPATH=0 for the reference)."""
@@ -148,6 +149,57 @@ def _discards(sink: Sink | None) -> bool:
     return getattr(forward, "__name__", None) == "_drop"
 
 
+def _burst_sink(sink: Sink | None) -> Any:
+    """The port's whole-burst entry when ``sink`` is a session whose port has one."""
+    if getattr(getattr(sink, "__func__", None), "__name__", None) != "_sink":
+        return None
+    session = getattr(sink, "__self__", None)
+    forward_burst = getattr(getattr(session, "port", None), "forward_burst", None)
+    if forward_burst is None:
+        return None
+    return lambda burst: forward_burst(session, burst)
+
+
+class FrameBurst:
+    """The frames one C TX call collected, valid until the next call on that queue.
+
+    Handed whole to a port that can take a burst (reflect mode), so that
+    delivery is one C call per burst; ``view(i)`` gives one frame to the
+    per-frame path.
+    """
+
+    __slots__ = ("frames", "n")
+
+    def __init__(self, frames: Any, n: int) -> None:
+        self.frames = frames
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def view(self, i: int) -> memoryview:
+        f = self.frames[i]
+        return memoryview(ffi.buffer(f.ptr, f.len))
+
+    def select(self, i: int, nsel: int) -> int:
+        """Which of ``nsel`` RX queues ``Session.send`` picks for frame ``i`` (-1: too short)."""
+        f = self.frames[i]
+        if f.len < 12:
+            return -1
+        p = f.ptr
+        return int((p[5] ^ p[11]) % nsel)
+
+    @classmethod
+    def of(cls, buffers: list[bytes]) -> tuple[FrameBurst, Any]:
+        """A burst over Python buffers (tests); keep the second item alive with it."""
+        keep = [ffi.from_buffer("uint8_t[]", b) for b in buffers]
+        frames = ffi.new("struct vhostd_frame[]", max(len(buffers), 1))
+        for i, data in enumerate(keep):
+            frames[i].ptr = data
+            frames[i].len = len(data)
+        return cls(frames, len(buffers)), keep
+
+
 class FastTxQueue(net.TxQueue):
     """``TxQueue`` with the burst loop in C."""
 
@@ -170,6 +222,7 @@ class FastTxQueue(net.TxQueue):
         vq, cache = ring.vq, ring.cache
         frames, nframes, done_p = self._frames, self._nframes, self._done
         collect = 0 if _discards(sink) else 1
+        batch = _burst_sink(sink) if collect else None
         stats = self.stats
         hdr_len, max_frame = self.hdr_len, self.max_frame
         done = 0
@@ -198,7 +251,9 @@ class FastTxQueue(net.TxQueue):
                     stats.bad_header += vq.bad_header
                     vq.packets = vq.bytes = vq.dropped = vq.bad_header = 0
                 n = nframes[0]
-                if n:
+                if n and batch is not None:
+                    batch(FrameBurst(frames, n))
+                elif n:
                     assert sink is not None
                     buffer = ffi.buffer
                     for i in range(n):
@@ -234,7 +289,7 @@ class FastTxQueue(net.TxQueue):
 class FastRxQueue(net.RxQueue):
     """``RxQueue`` with delivery in C (``flush_backlog`` comes with it)."""
 
-    __slots__ = ("_hdr_c", "_ring")
+    __slots__ = ("_done", "_hdr_c", "_ring")
 
     def __init__(
         self,
@@ -244,8 +299,9 @@ class FastRxQueue(net.RxQueue):
         backlog_limit: int = 512,
     ) -> None:
         super().__init__(queue, features, stats, backlog_limit)
-        self._ring = _Ring(queue)
+        self._ring = _Ring(queue, SCRATCH)  # scratch: one frame at a time in deliver_batch
         self._hdr_c = ffi.new("uint8_t[]", bytes(self.hdr))
+        self._done = ffi.new("uint32_t *")
 
     def deliver(self, frame: Frame) -> bool:
         q = self.queue
@@ -281,6 +337,68 @@ class FastRxQueue(net.RxQueue):
             if rc == SLOW:
                 return net.RxQueue.deliver(self, frame)  # the reference takes this frame
             raise ring.error()
+
+    def deliver_batch(
+        self, burst: FrameBurst, swap: bool = False, start: int = 0, nsel: int = 1, want: int = 0
+    ) -> int:
+        """``deliver`` frames of ``burst`` from ``start`` on, in order (MACs swapped if ``swap``).
+
+        Stops before the first frame that is neither delivered nor dropped
+        (no buffer, a translation the door must be asked for and refuses,
+        a fault, or a chain the reference must take) and returns how many
+        were handled; nothing of that frame is taken, and the caller hands it
+        and the rest to ``deliver`` one by one, which decides exactly as the
+        reference. Never raises for the ring or the IOTLB. The caller
+        refreshed the queue and publishes. With ``nsel`` > 1 it also stops
+        before a frame ``Session.send`` hashes to another queue than ``want``.
+        """
+        q = self.queue
+        ring = self._ring
+        if q._gen != ring._gen:
+            ring.sync()
+        if ring._gen is None:
+            return 0
+        vq, cache, done_p = ring.vq, ring.cache, self._done
+        frames, n = burst.frames, burst.n
+        stats = self.stats
+        done = stalls = 0
+        n -= start
+        frames = frames + start
+        while done < n:
+            vq.last_avail, vq.last_used = q.last_avail, q.last_used
+            rc = lib.vhostd_rx_deliver_batch(
+                vq,
+                cache,
+                frames + done,
+                n - done,
+                self.mergeable,
+                self.hdr_len,
+                self._hdr_c,
+                swap,
+                nsel,
+                want,
+                done_p,
+            )
+            q.last_avail, q.last_used = vq.last_avail, vq.last_used
+            took = done_p[0]
+            if took:
+                done += took
+                stalls = 0
+                stats.packets += vq.packets
+                stats.bytes += vq.bytes
+                stats.dropped += vq.dropped
+                vq.packets = vq.bytes = vq.dropped = 0
+            if rc != NEED:
+                break
+            stalls += 1
+            if stalls > lib.VHOSTD_TC_SLOTS:
+                break
+            try:
+                if not ring.fill(vq.need_addr, vq.need_perm):
+                    break
+            except IotlbError:
+                break
+        return done
 
 
 # What sessions construct: ``from .fastpath import RxQueue, TxQueue``.

@@ -31,6 +31,8 @@ from .switch import Switch
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .fastpath import FrameBurst
+
 log = logging.getLogger(__name__)
 
 VF = VirtioFeature
@@ -64,6 +66,10 @@ class Port:
             PortMode.REFLECT: self._reflect,
             PortMode.SINK: _drop,
         }[config.mode]
+        self.forward_burst: Callable[[Session, FrameBurst], None] | None = (
+            self._reflect_burst if config.mode is PortMode.REFLECT else None
+        )
+        """Takes a whole TX burst at once (reflect mode only); see ``fastpath``."""
         self.cancel_scope = trio.CancelScope()
 
     # -- what the device offers --------------------------------------------
@@ -105,6 +111,16 @@ class Port:
         out = bytearray(frame)
         out[0:6], out[6:12] = out[6:12], out[0:6]
         session.send(out)
+        self.switch.touch(session)
+
+    def _reflect_burst(self, session: Session, burst: FrameBurst) -> None:
+        """``_reflect`` for each frame; runs that go straight into a ring do so in C."""
+        n = len(burst)
+        i = session.send_burst(burst, 0, swap=True)
+        while i < n:
+            self._reflect(session, burst.view(i))  # the frame the batch stopped at
+            i += 1
+            i += session.send_burst(burst, i, swap=True)
         self.switch.touch(session)
 
     # -- sockets -------------------------------------------------------------

@@ -51,6 +51,7 @@ from .virtqueue import MAX_QUEUE_SIZE, QueueError, SplitQueue, ring_sizes
 from .vring import Vring, close_fd, drain, signal
 
 if TYPE_CHECKING:
+    from .fastpath import FrameBurst
     from .port import Port
 
 log = logging.getLogger(__name__)
@@ -743,6 +744,40 @@ class Session:
                 return
         rx.enqueue(frame)
         signal(vring.kick)
+
+    def send_burst(self, burst: FrameBurst, start: int, swap: bool) -> int:
+        """Deliver frames of ``burst`` from ``start`` on in C; returns how many.
+
+        Stops before the first frame that would not go straight into its RX
+        ring (none ready, a backlog, no buffer, a miss, a fault): the caller
+        hands that one to ``send``, which decides it exactly as alone, and
+        calls again for the rest. Frames pick their ring as in ``send``.
+        """
+        n = len(burst)
+        i = start
+        while i < n:
+            ready = self._rx_ready
+            nsel = len(ready)
+            if nsel == 0:
+                break
+            want = burst.select(i, nsel) if nsel > 1 else 0
+            if want < 0:
+                break
+            vring = ready[want]
+            rx = vring.rx
+            deliver_batch = getattr(rx, "deliver_batch", None)
+            if rx is None or rx.backlog or deliver_batch is None:
+                break
+            try:
+                rx.queue.refresh()
+            except (IotlbError, QueueError, AccessError):
+                break
+            done: int = deliver_batch(burst, swap, i, nsel, want)
+            if not done:
+                break
+            self._dirty[vring] = None
+            i += done
+        return i - start
 
     def flush(self) -> None:
         """Publish what ``send`` delivered and interrupt the guest once per burst."""
