@@ -177,8 +177,9 @@ def test_rxonly_gets_each_frame_back_with_macs_swapped(reflect_lab: Lab) -> None
     with reflect_lab.testpmd("rxonly") as pmd:
         pmd.wait_link_up()
         pmd.command_output("set verbose 1")
-        pmd.command_output("start tx_first 4")
-        # Poll vhostd, not testpmd: its verbose packet dumps interleave with command output.
+        # Verbose packet dumps interleave with the console, even inside the prompt:
+        # send without waiting for it, and poll vhostd rather than testpmd.
+        pmd.send("start tx_first 4")
         wait_counts(reflect_lab.control, tx=128, rx=128)
         time.sleep(0.5)  # let testpmd read the last frames; nothing more may arrive
         pmd.command_output("set verbose 0")

@@ -242,6 +242,11 @@ class Testpmd:
                 raise self._failure(f"no {pattern!r} within {timeout:.0f}s")
             time.sleep(0.05)
 
+    def send(self, line: str) -> None:
+        """Sends one command line without waiting for the prompt (for commands whose
+        output other threads' dumps interleave with, splitting the prompt itself)."""
+        os.write(self._fd, line.encode() + b"\n")
+
     def command_output(self, line: str, timeout: float = 15.0) -> str:
         """Sends one command line and returns what it printed up to the next prompt."""
         since = len(self.output())
