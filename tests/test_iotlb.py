@@ -324,15 +324,17 @@ def test_pending_misses_dedup_per_page_and_perm() -> None:
     assert len(pending) == 3
 
 
-def test_pending_misses_resolve_and_expire() -> None:
+def test_pending_misses_resolve_and_forget() -> None:
     pending = PendingMisses()
     pending.add(0x1000, R, now=0.0)
     pending.add(0x2000, W, now=5.0)
     pending.add(0x5000, R, now=5.0)
-    assert pending.resolve(0x1800, 0x1000) == 2  # overlaps pages 0x1000 and 0x2000
-    assert pending.resolve(0x6000, 0x1000) == 0
-    assert pending.expired(now=6.0, timeout=2.0) == []
-    assert pending.expired(now=8.0, timeout=2.0) == [(0x5000, R)]
+    assert pending.sent_at(0x1FFF, R) == 0.0
+    assert pending.sent_at(0x1FFF, W) is None
+    # Overlaps pages 0x1000 and 0x2000: both answered, with when they were sent.
+    assert sorted(pending.resolve(0x1800, 0x1000)) == [0.0, 5.0]
+    assert pending.resolve(0x6000, 0x1000) == []
+    pending.forget(0x5123, R)
     assert len(pending) == 0
     assert pending.add(0x5000, R, now=8.0)  # may be asked again
     pending.clear()

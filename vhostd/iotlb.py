@@ -373,8 +373,8 @@ class PendingMisses:
     """The MISS messages sent and not yet answered, so one page is asked for once.
 
     The front-end answers a MISS with an UPDATE for the whole page, or with
-    nothing at all if the guest has not mapped it; `expired` lets the caller
-    give up (or ask again) instead of waiting forever.
+    nothing at all if the guest has not mapped it; the caller bounds its wait
+    from `sent_at` and then `forget`s the page.
     """
 
     page_size: int = 4096
@@ -383,36 +383,40 @@ class PendingMisses:
     def __len__(self) -> int:
         return len(self._sent)
 
+    def _key(self, iova: int, perm: IotlbPerm) -> tuple[int, int]:
+        return (iova & ~(self.page_size - 1), int(perm))
+
     def __contains__(self, key: object) -> bool:
         """``(iova, perm) in pending``: is a MISS for that page and perm outstanding?"""
         if not isinstance(key, tuple) or len(key) != 2:
             return False
-        iova, perm = key
-        return (iova & ~(self.page_size - 1), int(perm)) in self._sent
+        return self._key(*key) in self._sent
+
+    def sent_at(self, iova: int, perm: IotlbPerm) -> float | None:
+        """When the outstanding MISS for this page and perm went out, if one did."""
+        return self._sent.get(self._key(iova, perm))
 
     def add(self, iova: int, perm: IotlbPerm, now: float) -> bool:
         """Record a miss at `iova`; True if the caller should send MISS (not already pending)."""
-        key = (iova & ~(self.page_size - 1), int(perm))
+        key = self._key(iova, perm)
         if key in self._sent:
             return False
         self._sent[key] = now
         return True
 
-    def resolve(self, iova: int, size: int) -> int:
-        """Forget the misses on pages overlapping ``[iova, iova+size)`` (an UPDATE came)."""
+    def forget(self, iova: int, perm: IotlbPerm) -> None:
+        """Give up on a MISS (unanswered, or never sent)."""
+        self._sent.pop(self._key(iova, perm), None)
+
+    def resolve(self, iova: int, size: int) -> list[float]:
+        """Forget the misses on pages overlapping ``[iova, iova+size)`` (an UPDATE came).
+
+        Returns when each of them was sent, for the miss service time.
+        """
         end = iova + size
         page_size = self.page_size
         done = [key for key in self._sent if key[0] < end and key[0] + page_size > iova]
-        for key in done:
-            del self._sent[key]
-        return len(done)
-
-    def expired(self, now: float, timeout: float) -> list[tuple[int, IotlbPerm]]:
-        """Remove and return the ``(page, perm)`` misses sent more than `timeout` ago."""
-        old = [key for key, sent in self._sent.items() if now - sent > timeout]
-        for key in old:
-            del self._sent[key]
-        return [(page, IotlbPerm(perm)) for page, perm in old]
+        return [self._sent.pop(key) for key in done]
 
     def clear(self) -> None:
         self._sent.clear()

@@ -44,7 +44,7 @@ from protocol import (
 from .channel import BackendChannel, Channel, close_fds
 from .fastpath import RxQueue, TxQueue
 from .guestmem import AccessError, GuestMemory
-from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbError, IotlbMiss
+from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbError, IotlbMiss, PendingMisses
 from .memory import MemoryError_
 from .memory import MemoryTable as RegionTable
 from .virtqueue import MAX_QUEUE_SIZE, QueueError, SplitQueue, ring_sizes
@@ -128,7 +128,7 @@ class Session:
         self.iotlb: IoTlb | None = None
         self.mem = GuestMemory(self.table)
         self.backend: BackendChannel | None = None
-        self._misses: dict[tuple[int, int], float] = {}
+        self.pending = PendingMisses()
         self.iotlb_changed = trio.Event()
         self.miss_timeout = port.miss_timeout
         self.vrings = [Vring(i) for i in range(2 * self.queue_pairs)]
@@ -462,7 +462,9 @@ class Session:
                     "bad_iotlb_uaddr", f"IOTLB update to {m.uaddr:#x}, outside the memory table"
                 )
             iotlb.update(m.iova, m.size, m.uaddr, m.perm)
-            self._misses_answered(m.iova, m.size)
+            now = trio.current_time()
+            for sent in self.pending.resolve(m.iova, m.size):
+                self.stats.iotlb_miss_time.observe(now - sent)
             self.iotlb_changed.set()
             self.iotlb_changed = trio.Event()
         elif m.type == IotlbType.INVALIDATE:
@@ -492,7 +494,7 @@ class Session:
             vring.base = 0
         if self.iotlb is not None:
             self.iotlb.flush()
-        self._misses.clear()
+        self.pending.clear()
 
     # -- rings -------------------------------------------------------------
 
@@ -609,33 +611,32 @@ class Session:
         loop, and a queue that asked one page at a time would pay that round
         trip once per packet.
         """
-        key = (miss.page(), int(miss.perm))
         # Taken before the MISS goes out: the UPDATE can be handled while send_iotlb
         # awaits, and it replaces iotlb_changed with a fresh Event nobody will set.
         changed = self.iotlb_changed
-        sent = self._misses.get(key)
+        sent = self.pending.sent_at(miss.iova, miss.perm)
         if sent is None:
-            sent = await self._send_miss(miss, key)
+            sent = await self._send_miss(miss)
         for ahead in self._misses_ahead(vring):
-            ahead_key = (ahead.page(), int(ahead.perm))
-            if ahead_key not in self._misses:
-                await self._send_miss(ahead, ahead_key)
+            if (ahead.iova, ahead.perm) not in self.pending:
+                await self._send_miss(ahead)
         with trio.move_on_at(sent + self.miss_timeout):
             await changed.wait()
             return
-        self._misses.pop(key, None)
+        self.pending.forget(miss.iova, miss.perm)
         self.stats.iotlb_miss_timeouts += 1
         await self._access_failed(miss.iova, miss.perm)
         raise AccessError(f"IOTLB miss at iova {miss.iova:#x} unanswered for {self.miss_timeout}s")
 
-    async def _send_miss(self, miss: IotlbMiss, key: tuple[int, int]) -> float:
+    async def _send_miss(self, miss: IotlbMiss) -> float:
         backend = self.backend
-        sent = self._misses[key] = trio.current_time()  # before the UPDATE can answer it
+        now = trio.current_time()
+        self.pending.add(miss.iova, miss.perm, now)  # before the UPDATE can answer it
         if backend is None or not await backend.send_iotlb(IotlbType.MISS, miss.iova, miss.perm):
-            self._misses.pop(key, None)
+            self.pending.forget(miss.iova, miss.perm)
             raise AccessError(f"IOTLB miss at {miss.iova:#x} and no back-end channel")
         self.stats.iotlb_miss_sent += 1
-        return sent
+        return now
 
     def _misses_ahead(self, vring: Vring) -> list[IotlbMiss]:
         """The translations the next available chains lack, found without taking them."""
@@ -656,14 +657,6 @@ class Session:
         except (IotlbError, QueueError, AccessError):
             pass  # whatever is wrong is reported when the queue gets there
         return found
-
-    def _misses_answered(self, iova: int, size: int) -> None:
-        if not self._misses:
-            return
-        end = iova + size
-        now = trio.current_time()
-        for key in [k for k in self._misses if k[0] < end and k[0] + 4096 > iova]:
-            self.stats.iotlb_miss_time.observe(now - self._misses.pop(key))
 
     async def _access_failed(self, iova: int, perm: IotlbPerm) -> None:
         self.stats.access_failures += 1
