@@ -22,7 +22,41 @@ from cffi import FFI
 
 ffibuilder = FFI()
 
-CDEF = """
+# The structs Python and C both see: declared once, for the cdef and the source.
+SHARED = """
+struct vhostd_piece { uint8_t *ptr; uint32_t len; };
+struct vhostd_frame { uint8_t *ptr; uint32_t len; };
+struct vhostd_head { uint32_t id; uint32_t got; };
+struct vhostd_vq {
+    uint8_t *desc;
+    uint8_t *avail;
+    uint8_t *used;
+    uint32_t size;
+    uint32_t indirect;
+    uint64_t max_chain_bytes;
+    uint16_t last_avail;
+    uint16_t last_used;
+    uint32_t fault;
+    uint64_t f_head;
+    uint64_t f_value;
+    uint64_t f_limit;
+    uint64_t need_addr;
+    uint32_t need_perm;
+    uint64_t packets;
+    uint64_t bytes;
+    uint64_t dropped;
+    uint64_t bad_header;
+    struct vhostd_piece *pieces;
+    uint32_t max_pieces;
+    struct vhostd_head *heads;
+    uint32_t max_heads;
+    uint8_t *scratch;
+    uint64_t scratch_len;
+};
+"""
+
+CDEF = (
+    """
     #define PROT_READ ...
     #define PROT_WRITE ...
     #define MAP_SHARED ...
@@ -43,35 +77,9 @@ CDEF = """
     #define VHOSTD_OTHER ...
 
     struct vhostd_tcache { ...; };
-    struct vhostd_piece { uint8_t *ptr; uint32_t len; };
-    struct vhostd_frame { uint8_t *ptr; uint32_t len; };
-    struct vhostd_head { uint32_t id; uint32_t got; };
-    struct vhostd_vq {
-        uint8_t *desc;
-        uint8_t *avail;
-        uint8_t *used;
-        uint32_t size;
-        uint32_t indirect;
-        uint64_t max_chain_bytes;
-        uint16_t last_avail;
-        uint16_t last_used;
-        uint32_t fault;
-        uint64_t f_head;
-        uint64_t f_value;
-        uint64_t f_limit;
-        uint64_t need_addr;
-        uint32_t need_perm;
-        uint64_t packets;
-        uint64_t bytes;
-        uint64_t dropped;
-        uint64_t bad_header;
-        struct vhostd_piece *pieces;
-        uint32_t max_pieces;
-        struct vhostd_head *heads;
-        uint32_t max_heads;
-        uint8_t *scratch;
-        uint64_t scratch_len;
-    };
+"""
+    + SHARED
+    + """
 
     void vhostd_tc_clear(struct vhostd_tcache *c);
     void vhostd_tc_insert(struct vhostd_tcache *c, uint64_t addr, uint64_t start,
@@ -88,6 +96,7 @@ CDEF = """
                                 uint32_t hdr_len, const uint8_t *hdr, int swap,
                                 uint32_t nsel, uint32_t want, uint32_t *done);
 """
+)
 
 SOURCE = r"""
 #include <sys/mman.h>
@@ -140,36 +149,7 @@ struct vhostd_tcache {
     uint32_t hit;
     uint32_t epoch;
 };
-struct vhostd_piece { uint8_t *ptr; uint32_t len; };
-struct vhostd_frame { uint8_t *ptr; uint32_t len; };
-struct vhostd_head { uint32_t id; uint32_t got; };
-struct vhostd_vq {
-    uint8_t *desc;
-    uint8_t *avail;
-    uint8_t *used;
-    uint32_t size;
-    uint32_t indirect;
-    uint64_t max_chain_bytes;
-    uint16_t last_avail;
-    uint16_t last_used;
-    uint32_t fault;
-    uint64_t f_head;
-    uint64_t f_value;
-    uint64_t f_limit;
-    uint64_t need_addr;
-    uint32_t need_perm;
-    uint64_t packets;
-    uint64_t bytes;
-    uint64_t dropped;
-    uint64_t bad_header;
-    struct vhostd_piece *pieces;
-    uint32_t max_pieces;
-    struct vhostd_head *heads;
-    uint32_t max_heads;
-    uint8_t *scratch;
-    uint64_t scratch_len;
-};
-
+/* SHARED */
 struct desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
 
 static void vhostd_tc_clear(struct vhostd_tcache *c)
@@ -569,7 +549,9 @@ static int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
 """
 
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("vhostd._native", SOURCE, extra_compile_args=["-O2"])
+ffibuilder.set_source(
+    "vhostd._native", SOURCE.replace("/* SHARED */", SHARED), extra_compile_args=["-O2"]
+)
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=False)
