@@ -64,12 +64,17 @@ PF = ProtocolFeature
 MAX_MEM_SLOTS = 64
 MISS_LOOKAHEAD = 64
 """How many available chains a queue that missed scans for more pages to ask for."""
-MISS_TIMEOUT = 2.0
+MISS_OUTSTANDING = 16
+"""Most MISSes a connection keeps outstanding for look-ahead: QEMU answers them one
+round trip at a time, and a long queue of guesses would delay the MISS a ring
+is actually stuck on."""
+MISS_TIMEOUT = 5.0
 """Seconds a queue waits for the front-end to answer a MISS before giving up.
 
 QEMU answers a MISS within milliseconds when the guest mapped the address
 and never when it did not, so this bounds how long a bad address can park
-a queue, not how long a good one takes.
+a queue, not how long a good one takes. It is generous because a QEMU whose
+main loop is busy (TCG, a storm of misses) was seen taking over 2 s.
 """
 
 OFFERED_PROTOCOL = (
@@ -618,6 +623,8 @@ class Session:
         if sent is None:
             sent = await self._send_miss(miss)
         for ahead in self._misses_ahead(vring):
+            if len(self.pending) >= MISS_OUTSTANDING:
+                break
             if (ahead.iova, ahead.perm) not in self.pending:
                 await self._send_miss(ahead)
         with trio.move_on_at(sent + self.miss_timeout):
@@ -640,8 +647,10 @@ class Session:
 
     def _misses_ahead(self, vring: Vring) -> list[IotlbMiss]:
         """The translations the next available chains lack, found without taking them."""
-        q = vring.tx or vring.rx
+        q = vring.tx
         if q is None or self.mem.iotlb is None:
+            # TX only: a driver may post RX buffers it maps lazily or recycles,
+            # and a MISS for an IOVA it has not mapped is a DMAR fault in the guest.
             return []
         queue = q.queue
         found: list[IotlbMiss] = []
