@@ -180,7 +180,7 @@ BROKEN = [
         '[[port]]\nsocket = "/run/a.sock"\nmode = "bridge"\n',
         3,
         "port[0].mode",
-        "must be one of switch, reflect, sink, not 'bridge'",
+        "must be one of switch, reflect, sink, source, not 'bridge'",
         id="bad-mode",
     ),
     pytest.param(
@@ -287,6 +287,41 @@ BROKEN = [
         "port[0].features.mq",
         "must be true or false",
         id="inline-table-falls-back-to-its-key",
+    ),
+    pytest.param(
+        '[[port]]\nsocket = "/run/a.sock"\nmode = "source"\nsource_frame_size = 59\n',
+        4,
+        "port[0].source_frame_size",
+        "must be between 60 and 65535, not 59",
+        id="source-frame-too-short",
+    ),
+    pytest.param(
+        '[[port]]\nsocket = "/run/a.sock"\nmode = "source"\nsource_frame_size = "64"\n',
+        4,
+        "port[0].source_frame_size",
+        "must be an integer, not a string",
+        id="source-frame-size-string",
+    ),
+    pytest.param(
+        '[[port]]\nsocket = "/run/a.sock"\nmode = "source"\nsource_frame_size = 1519\n',
+        4,
+        "port[0].source_frame_size",
+        "must be at most mtu + 18 = 1518 (the guest is told its MTU is 1500), not 1519",
+        id="source-frame-over-default-mtu",
+    ),
+    pytest.param(
+        '[[port]]\nsocket = "/run/a.sock"\nmode = "source"\nmtu = 9000\nsource_frame_size = 9100\n',
+        5,
+        "port[0].source_frame_size",
+        "must be at most mtu + 18 = 9018",
+        id="source-frame-over-mtu",
+    ),
+    pytest.param(
+        '[[port]]\nsocket = "/run/a.sock"\nmode = "sink"\nsource_frame_size = 128\n',
+        4,
+        "port[0].source_frame_size",
+        'only applies with mode = "source"',
+        id="source-frame-size-without-source-mode",
     ),
 ]
 
@@ -412,6 +447,22 @@ def test_defaults_and_normalisation() -> None:
     assert config.metrics.listen is None and config.metrics.address is None
 
 
+def test_source_port() -> None:
+    config = parse_config(
+        '[[port]]\nsocket = "/run/a.sock"\nmode = "source"\n'
+        '[[port]]\nsocket = "/run/b.sock"\nmode = "source"\nsource_frame_size = 1518\n'
+        '[[port]]\nsocket = "/run/c.sock"\nmode = "source"\nmtu = 65535\n'
+        "source_frame_size = 65535\n"
+    )
+    assert [(p.mode, p.source_frame_size) for p in config.ports] == [
+        (PortMode.SOURCE, 64),
+        (PortMode.SOURCE, 1518),
+        (PortMode.SOURCE, 65535),
+    ]
+    assert parse_config(format_config(config)) == config
+    assert "source_frame_size" not in format_config(parse_config(GOOD))  # source ports only
+
+
 def test_example_file_loads() -> None:
     config = load_config(REPO / "systemd" / "vhostd.toml.example")
     assert [p.name for p in config.ports] == ["vm1", "vm2"]
@@ -526,6 +577,54 @@ def test_config_from_args_problems() -> None:
         ("port[1].socket", None, "<command line>"),  # duplicate derived name vm1
         ("tap[1].name", None, "<command line>"),
     }
+
+
+def test_config_from_args_source_size() -> None:
+    config = config_from_args(sockets=["/run/a.sock"], mode="source", source_frame_size=1518)
+    assert (config.ports[0].mode, config.ports[0].source_frame_size) == (PortMode.SOURCE, 1518)
+    # Over a file: only the ports named on the command line take the size.
+    base = parse_config(
+        '[[port]]\nsocket = "/run/vm1.sock"\nmode = "source"\nsource_frame_size = 100\n'
+        '[[port]]\nsocket = "/run/vm2.sock"\nmode = "source"\n'
+    )
+    config = config_from_args(base, sockets=["/run/vm2.sock"], source_frame_size=200)
+    assert [p.source_frame_size for p in config.ports] == [100, 200]
+    # A file's source port turned into something else forgets its size.
+    assert config_from_args(base, mode="sink").ports[0].source_frame_size == 64
+    # Unchanged through a reload's overlay.
+    assert config_from_args(config) == config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "path", "message"),
+    [
+        ({"mode": "source", "source_frame_size": 20}, "port[0].source_frame_size", "between 60"),
+        ({"mode": "reflect", "source_frame_size": 64}, "port[0].source_frame_size", "only"),
+        ({"source_frame_size": 64, "sockets": []}, "", "--source-size applies to"),
+    ],
+)
+def test_config_from_args_source_size_problems(
+    kwargs: dict[str, object], path: str, message: str
+) -> None:
+    kwargs = {"sockets": ["/run/a.sock"], **kwargs}
+    with pytest.raises(ConfigError) as info:
+        config_from_args(**kwargs)  # type: ignore[arg-type]
+    [problem] = info.value.problems
+    assert (problem.path, problem.line, problem.filename) == (path, None, "<command line>")
+    assert message in problem.message
+
+
+def test_cli_mode_source(tmp_path: Path) -> None:
+    from vhostd.cli import _load, _parser
+
+    sock = tmp_path / "s.sock"
+    args = _parser().parse_args(["run", "--socket", str(sock), "--mode", "source"])
+    config, _ = _load(args)
+    assert (config.ports[0].mode, config.ports[0].source_frame_size) == (PortMode.SOURCE, 64)
+    args = _parser().parse_args(
+        ["run", "--socket", str(sock), "--mode", "source", "--source-size", "1518"]
+    )
+    assert _load(args)[0].ports[0].source_frame_size == 1518
 
 
 # --- reload ------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The ``vhostd`` command line.
 
 ``vhostd run --socket PATH [--socket PATH ...] [--client PATH ...] [--tap IFNAME]
-[--mode switch|reflect|sink] [--config FILE] [--metrics-listen ADDR]
-[--control-socket PATH]`` serves ports until SIGINT or SIGTERM;
+[--mode switch|reflect|sink|source] [--source-size N] [--config FILE]
+[--metrics-listen ADDR] [--control-socket PATH]`` serves ports until SIGINT or SIGTERM;
 ``vhostd check-config FILE`` reports every problem in a configuration file
 with its line; ``vhostd status [--json] [--control-socket PATH]`` shows what
 a running daemon is doing (ports, features, rings, counters).
@@ -23,6 +23,7 @@ from .config import (
     DEFAULT_CONTROL_SOCKET,
     ConfigError,
     DaemonConfig,
+    PortMode,
     check_config_text,
     config_from_args,
     load_config,
@@ -57,8 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--mode",
-        choices=["switch", "reflect", "sink"],
-        help="what ports do with frames their guest sends (default switch)",
+        choices=[m.value for m in PortMode],
+        help="what ports do with frames their guest sends (default switch); source also "
+        "fills their guest's RX rings with generated frames",
+    )
+    run.add_argument(
+        "--source-size",
+        type=int,
+        metavar="N",
+        help="bytes per generated frame of the --socket/--client ports in mode source (default 64)",
     )
     run.add_argument(
         "--config",
@@ -98,6 +106,7 @@ def _overlay(args: argparse.Namespace, base: DaemonConfig | None) -> DaemonConfi
         metrics_listen=args.metrics_listen,
         log_level=args.log_level,
         control_socket=args.control_socket,
+        source_frame_size=args.source_size,
     )
 
 

@@ -38,6 +38,9 @@ IFNAMSIZ: Final = 16  # Linux interface name buffer, the NUL included
 MIN_MTU: Final = 68  # RFC 791 minimum
 MAX_MTU: Final = 65535  # virtio-net config space field is 16 bits
 MAX_QUEUE_PAIRS: Final = 8
+MIN_SOURCE_FRAME: Final = 60  # the shortest Ethernet frame, FCS excluded
+MAX_FRAME_OVER_MTU: Final = 18  # Ethernet header + one VLAN tag: what the device takes on TX
+DEFAULT_SOURCE_FRAME: Final = 64
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 COMMAND_LINE: Final = "<command line>"
 
@@ -52,6 +55,9 @@ class PortMode(enum.StrEnum):
     SWITCH = "switch"  # through the learning switch to the other ports and taps
     REFLECT = "reflect"  # straight back to the same guest (loopback tests)
     SINK = "sink"  # counted and dropped (throughput tests)
+    # Dropped like sink; the RX rings are filled with generated frames as fast as
+    # the guest posts buffers (back-end -> front-end throughput tests).
+    SOURCE = "source"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,8 @@ class PortConfig:
     iommu: bool = True  # offer ACCESS_PLATFORM so a guest vIOMMU can fence us
     features: FeatureConfig = field(default_factory=FeatureConfig)
     reconnect_seconds: float = 1.0
+    # Bytes per generated frame (mode "source" only), Ethernet header included.
+    source_frame_size: int = DEFAULT_SOURCE_FRAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,6 +541,9 @@ def _port(c: _Checker, raw: Mapping[str, Any], i: int) -> tuple[int, PortConfig,
     if queue_pairs > 1 and not features.mq and "queue_pairs" in raw:
         c.report(f"{path}.queue_pairs", "more than 1 queue pair needs features.mq = true")
 
+    mtu = c.integer(raw, path, "mtu", 1500, MIN_MTU, MAX_MTU)
+    source_frame_size = _source_frame_size(c, raw, path, mode, mtu)
+
     port = PortConfig(
         name=name or "",
         socket=socket,
@@ -542,13 +553,42 @@ def _port(c: _Checker, raw: Mapping[str, Any], i: int) -> tuple[int, PortConfig,
         group=group,
         socket_mode=socket_mode,
         queue_pairs=1 if not features.mq else queue_pairs,
-        mtu=c.integer(raw, path, "mtu", 1500, MIN_MTU, MAX_MTU),
+        mtu=mtu,
         mac=mac,
         iommu=c.boolean(raw, path, "iommu", True),
         features=features,
         reconnect_seconds=c.number(raw, path, "reconnect_seconds", 1.0, 3600.0),
+        source_frame_size=source_frame_size,
     )
     return i, port, "name" in raw
+
+
+def _source_frame_size(
+    c: _Checker, raw: Mapping[str, Any], path: str, mode: PortMode, mtu: int
+) -> int:
+    """Frames a source port generates must be ones its guest was told it may get.
+
+    The bound is the MTU plus an Ethernet header and a VLAN tag, the largest
+    frame the device itself accepts from the guest (1518 at MTU 1500, the
+    size a Linux guest's small RX buffers are made for).
+    """
+    if "source_frame_size" not in raw:
+        return DEFAULT_SOURCE_FRAME
+    key = f"{path}.source_frame_size"
+    if mode is not PortMode.SOURCE:
+        c.report(key, 'only applies with mode = "source"')
+        return DEFAULT_SOURCE_FRAME
+    size = c.integer(raw, path, "source_frame_size", None, MIN_SOURCE_FRAME, MAX_MTU)
+    if size is None:
+        return DEFAULT_SOURCE_FRAME
+    if size > mtu + MAX_FRAME_OVER_MTU:
+        c.report(
+            key,
+            f"must be at most mtu + {MAX_FRAME_OVER_MTU} = {mtu + MAX_FRAME_OVER_MTU} "
+            f"(the guest is told its MTU is {mtu}), not {size}",
+        )
+        return DEFAULT_SOURCE_FRAME
+    return size
 
 
 def _socket_mode(c: _Checker, raw: Mapping[str, Any], path: str) -> int:
@@ -645,6 +685,8 @@ def config_to_dict(config: DaemonConfig) -> dict[str, Any]:
     }
     for port in raw["port"]:
         port["mode"] = str(port["mode"])
+        if port["mode"] != PortMode.SOURCE:
+            del port["source_frame_size"]
         if not port["client"]:
             del port["reconnect_seconds"]
         else:
@@ -703,6 +745,7 @@ def config_from_args(
     metrics_listen: str | None = None,
     log_level: str | None = None,
     control_socket: str | None = None,
+    source_frame_size: int | None = None,
 ) -> DaemonConfig:
     """Merge command-line values over `base` (the file's config, or defaults).
 
@@ -710,6 +753,8 @@ def config_from_args(
     port (its name, features, ...) but takes the command line's client flag;
     a new path adds a port named after the file's stem. `mode` applies to every
     port, so `--config f --mode reflect` runs a whole setup as loopback.
+    `source_frame_size` applies to the ports named by `sockets` and
+    `client_sockets` only (a size suits one test setup, not a whole file).
     `metrics_listen=""` turns the listener off. Relative socket paths are made
     absolute against the current directory. The result is validated like a
     file; problems carry the filename "<command line>" and no line.
@@ -717,6 +762,7 @@ def config_from_args(
     raw = config_to_dict(base if base is not None else DaemonConfig())
     ports: list[dict[str, Any]] = raw["port"]
     by_socket = {os.path.normpath(p["socket"]): p for p in ports}
+    named: list[dict[str, Any]] = []
     for path, client in [(s, False) for s in sockets] + [(s, True) for s in client_sockets]:
         full = os.path.normpath(os.path.abspath(path))
         port = by_socket.get(full)
@@ -728,9 +774,16 @@ def config_from_args(
             port["client"] = client
             for key in ("owner", "group", "socket_mode", "reconnect_seconds"):
                 port.pop(key, None)
+        named.append(port)
     if mode is not None:
         for port in ports:
             port["mode"] = str(mode)
+    for port in ports:
+        if port.get("mode") != PortMode.SOURCE:
+            port.pop("source_frame_size", None)  # a file's source port made something else
+    if source_frame_size is not None:
+        for port in named:
+            port["source_frame_size"] = source_frame_size
     tap_names = {t["name"] for t in raw["tap"]}
     for name in taps:
         if name not in tap_names:
@@ -746,6 +799,15 @@ def config_from_args(
     if control_socket is not None:
         raw["control_socket"] = os.path.abspath(control_socket)
     config, problems = _build(raw, KeyLines(), COMMAND_LINE)
+    if source_frame_size is not None and not named:
+        problems.append(
+            ConfigProblem(
+                None,
+                "",
+                "--source-size applies to --socket/--client ports; none given",
+                COMMAND_LINE,
+            )
+        )
     if problems or config is None:
         raise ConfigError(problems)
     return config

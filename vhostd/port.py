@@ -3,8 +3,8 @@
 The port outlives its front-end connections: it listens (or, in client
 mode, connects and reconnects), runs one :class:`~vhostd.session.Session`
 at a time, and decides where the guest's frames go (the switch, straight
-back, or nowhere). Counters belong to the port so that they survive a
-reconnect.
+back, or nowhere) and, in source mode, what fills its RX rings. Counters
+belong to the port so that they survive a reconnect.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .channel import Channel
 from .config import PortConfig, PortMode
 from .net import BASE_FEATURES, Frame
 from .session import MISS_TIMEOUT, Session
+from .source import Source
 from .stats import PortStats
 from .switch import Switch
 
@@ -65,11 +66,16 @@ class Port:
             PortMode.SWITCH: self._to_switch,
             PortMode.REFLECT: self._reflect,
             PortMode.SINK: _drop,
+            PortMode.SOURCE: _drop,
         }[config.mode]
         self.forward_burst: Callable[[Session, FrameBurst], None] | None = (
             self._reflect_burst if config.mode is PortMode.REFLECT else None
         )
         """Takes a whole TX burst at once (reflect mode only); see ``fastpath``."""
+        self.source: Source | None = (
+            Source(config.source_frame_size) if config.mode is PortMode.SOURCE else None
+        )
+        """What fills the guest's RX rings (source mode only); see ``source``."""
         self.cancel_scope = trio.CancelScope()
 
     # -- what the device offers --------------------------------------------
@@ -223,4 +229,4 @@ class Port:
 
 
 def _drop(session: Session, frame: Frame) -> None:
-    """Sink mode: the TX counters already counted the frame."""
+    """Sink and source modes: the TX counters already counted the frame."""

@@ -14,6 +14,7 @@ flight, and the INVALIDATE ack it sends is true.
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from .vring import Vring, close_fd, drain, signal
 if TYPE_CHECKING:
     from .fastpath import FrameBurst
     from .port import Port
+    from .source import SourceRing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -583,12 +585,20 @@ class Session:
         kick, queue, stats = vring.kick, q.queue, q.stats
         await self._translated(vring, queue.sync_from_used)
         work = self._rx_round if vring.is_rx else self._tx_round
+        source = self.port.source
+        filler = source.ring(vring.rx) if source is not None and vring.rx is not None else None
+        if filler is not None:
+            work = functools.partial(self._source_round, filler)
         while True:
             if await self._translated(vring, lambda: work(vring)):
                 await trio.lowlevel.checkpoint()
                 continue
             more = await self._translated(vring, queue.want_kicks)
-            if more and (vring.tx is not None or (vring.rx is not None and vring.rx.backlog)):
+            if more and (
+                vring.tx is not None
+                or (vring.rx is not None and vring.rx.backlog)
+                or (filler is not None and vring.enabled and not filler.stuck)
+            ):
                 continue
             await trio.lowlevel.wait_readable(kick)
             drain(kick)
@@ -708,6 +718,20 @@ class Session:
             if rx.queue.published:
                 self._interrupt(vring, rx.queue)
         return done > 0 and bool(rx.backlog)
+
+    def _source_round(self, filler: SourceRing, vring: Vring) -> bool:
+        """Source mode: fill the RX buffers the guest posted; True if there may be more."""
+        if not vring.enabled:
+            return False
+        rx = filler.rx
+        done = 0
+        try:
+            done = filler.fill()
+        finally:
+            rx.queue.publish()
+            if rx.queue.published:
+                self._interrupt(vring, rx.queue)
+        return done > 0 and not filler.stuck
 
     # -- the switch side -----------------------------------------------------
 
