@@ -5,17 +5,20 @@ against ``vhostd run`` and then against DPDK's net_vhost back-end (testpmd), wit
 the same devargs, packet size and pinning: the front-end's forwarding lcore on
 CPU 1, the back-end on CPU 0 (vhostd through ``taskset -c 0``; net_vhost's
 forwarding lcore pinned there). Throughput is what the front-end counted over
-the window (its TX for sink cases, its RX for reflect cases, where every frame
-made the round trip). vhostd's CPU cost comes from /proc/PID/stat utime+stime
-over the same window.
+the window (its TX for sink cases, its RX for reflect and source cases).
+vhostd's CPU cost comes from /proc/PID/stat utime+stime over the same window.
 
 Cases: front-end txonly into a sink (vhostd ``--mode sink``, net_vhost rxonly)
 at 64 and 1518 bytes; reflect/loopback at 64 bytes (front-end flowgen; vhostd
-``--mode reflect``, net_vhost macswap), which is also the back-end-to-front-end
-direction; mrg_rxbuf on and off; 1 and 2 queue pairs. Then idle CPU of each
-back-end with a connected, silent front-end, and the IOTLB cases (translate cost
-with 16 vs 65,536 entries; a sink port with the IOTLB on vs off, in-process with
-the simulator since virtio-user cannot negotiate ACCESS_PLATFORM).
+``--mode reflect``, net_vhost macswap); back-end to front-end at 64 and 1518
+bytes (vhostd ``--mode source --source-size N`` generates into the front-end's
+RX ring, net_vhost txonly ``--txpkts N``; the front-end runs rxonly and counts
+what it receives); mrg_rxbuf on and off; 1 and 2 queue pairs. Then idle CPU of
+each back-end with a connected, silent front-end (and of a vhostd source port
+whose front-end is connected but not reading), and the IOTLB cases (translate
+cost with 16 vs 65,536 entries; a sink port with the IOTLB on vs off,
+in-process with the simulator since virtio-user cannot negotiate
+ACCESS_PLATFORM).
 
 The load average is printed before and after: on a shared 2-core machine the
 numbers mean something only relative to each other within one run.
@@ -55,7 +58,7 @@ class Case:
     frontend_mode: str  # testpmd forward mode of the virtio-user load generator
     vhostd_mode: str
     dpdk_mode: str  # testpmd forward mode of the net_vhost reference
-    size: int = 64
+    size: int = 64  # frame size: the front-end's txpkts, or the back-end's in source cases
     queues: int = 1
     mrg_rxbuf: bool = True
     counted: str = "tx"  # which front-end counter is the throughput
@@ -69,6 +72,10 @@ CASES = (
     Case("reflect 64B (flowgen rx)", "flowgen", "reflect", "macswap", counted="rx"),
     Case("reflect 64B, mrg off", "flowgen", "reflect", "macswap", mrg_rxbuf=False, counted="rx"),
     Case("reflect 64B, 2 qp", "flowgen", "reflect", "macswap", queues=2, counted="rx"),
+    Case("source 64B -> rxonly", "rxonly", "source", "txonly", counted="rx"),
+    Case("source 1518B -> rxonly", "rxonly", "source", "txonly", size=1518, counted="rx"),
+    Case("source 64B, mrg off", "rxonly", "source", "txonly", mrg_rxbuf=False, counted="rx"),
+    Case("source 64B, 2 qp", "rxonly", "source", "txonly", queues=2, counted="rx"),
 )
 
 
@@ -98,9 +105,11 @@ def loadavg() -> str:
 
 
 @contextmanager
-def vhostd_backend(workdir: Path, sock: Path, mode: str) -> Iterator[int]:
+def vhostd_backend(workdir: Path, sock: Path, mode: str, size: int = 64) -> Iterator[int]:
     args = ["--socket", str(sock), "--mode", mode, "--control-socket", str(workdir / "ctl.sock")]
     args += ["--log-level", "warning"]
+    if mode == "source":
+        args += ["--source-size", str(size)]
     wrapper = ["taskset", "-c", BACKEND_CPU] if shutil.which("taskset") else []
     proc = VhostdProcess(args, workdir / "vhostd.log", wrapper=wrapper)
     with proc:
@@ -110,11 +119,14 @@ def vhostd_backend(workdir: Path, sock: Path, mode: str) -> Iterator[int]:
 
 
 @contextmanager
-def dpdk_backend(workdir: Path, sock: Path, mode: str, queues: int) -> Iterator[int]:
+def dpdk_backend(
+    workdir: Path, sock: Path, mode: str, queues: int, size: int = 64
+) -> Iterator[int]:
     pmd = Testpmd(
         [VhostBackend(sock, queues=queues)],
         workdir,
         forward_mode=mode,
+        txpkts=size if mode == "txonly" else None,
         lcores=BACKEND_LCORES,
         name="net_vhost",
     )
@@ -156,27 +168,32 @@ def measure(fe: Testpmd, backend_pid: int, case: Case, seconds: float) -> Sample
 def run_case(case: Case, workdir: Path, seconds: float, result: Result) -> None:
     sock = workdir / "bench.sock"
     with (
-        vhostd_backend(workdir, sock, case.vhostd_mode) as pid,
+        vhostd_backend(workdir, sock, case.vhostd_mode, case.size) as pid,
         frontend(workdir, sock, case) as fe,
     ):
         result.vhostd.append(measure(fe, pid, case, seconds))
     sock.unlink(missing_ok=True)
     with (
-        dpdk_backend(workdir, sock, case.dpdk_mode, case.queues) as pid,
+        dpdk_backend(workdir, sock, case.dpdk_mode, case.queues, case.size) as pid,
         frontend(workdir, sock, case) as fe,
     ):
         result.dpdk.append(measure(fe, pid, case, seconds))
     sock.unlink(missing_ok=True)
 
 
-def idle_cpu(workdir: Path, seconds: float) -> tuple[float, float]:
-    """CPU seconds each back-end burns over ``seconds`` with a connected, silent front-end."""
+def idle_cpu(workdir: Path, seconds: float) -> tuple[float, float, float]:
+    """CPU seconds each back-end burns over ``seconds`` with a connected, silent front-end.
+
+    The third is a vhostd source port whose front-end is connected but not
+    forwarding: it filled the RX ring once and must then sleep until a kick.
+    """
     case = CASES[0]
     sock = workdir / "idle.sock"
     out = []
     backends: list[Callable[[], object]] = [
         lambda: vhostd_backend(workdir, sock, "sink"),
         lambda: dpdk_backend(workdir, sock, "rxonly", 1),
+        lambda: vhostd_backend(workdir, sock, "source"),
     ]
     for make in backends:
         with make() as pid, frontend(workdir, sock, case) as fe:  # type: ignore[attr-defined]
@@ -186,7 +203,7 @@ def idle_cpu(workdir: Path, seconds: float) -> tuple[float, float]:
             time.sleep(seconds)
             out.append(cpu_seconds(pid) - cpu0)
         sock.unlink(missing_ok=True)
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
 def summary(samples: list[float]) -> str:
@@ -283,11 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print_table(results)
         if not args.no_idle:
-            vh, dp = idle_cpu(workdir, idle_seconds)
+            vh, dp, src = idle_cpu(workdir, idle_seconds)
             print(
                 f"\nidle, front-end connected and silent, {idle_seconds:g} s: "
                 f"vhostd {vh:.3f} CPU s ({100 * vh / idle_seconds:.1f}%), "
-                f"DPDK net_vhost {dp:.3f} CPU s ({100 * dp / idle_seconds:.1f}%, a poller)"
+                f"DPDK net_vhost {dp:.3f} CPU s ({100 * dp / idle_seconds:.1f}%, a poller); "
+                f"vhostd source, RX ring full: {src:.3f} CPU s ({100 * src / idle_seconds:.1f}%)"
             )
     if not args.no_iotlb:
         iotlb_cases(seconds, args.quick)
