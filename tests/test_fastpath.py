@@ -12,6 +12,7 @@ addresses, counters.
 from __future__ import annotations
 
 import functools
+import gc
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from tests.vusim.rings import F_INDIRECT, F_NEXT, F_WRITE, Buffer, Desc, SplitRi
 from vhostd.fastpath import FastRxQueue, FastTxQueue, FrameBurst
 from vhostd.guestmem import GuestMemory
 from vhostd.iotlb import IoTlb, IotlbDenied, IotlbMiss
-from vhostd.memory import MemoryTable
+from vhostd.memory import MemoryTable, lingering_mappings
 from vhostd.net import QueueStats, RxQueue, TxQueue
 from vhostd.virtqueue import QueueError, SplitQueue
 
@@ -452,3 +453,37 @@ def test_scenarios_cover_the_interesting_outcomes() -> None:
         "chain_too_long",
     ):
         assert needed in seen, needed
+
+
+def test_queues_in_garbage_cycles_are_collected_safely() -> None:
+    """Ring and frame views handed to C must not stay exported into the collector.
+
+    CPython 3.11 crashes when it clears a memoryview in a cycle while some
+    buffer export of it is still alive (as an ``ffi.from_buffer`` would be).
+    Queues live in such cycles (sessions, tracebacks of ring errors), so this
+    builds many, drives them through C, and collects them.
+    """
+    gc.collect()
+    before = lingering_mappings()
+    for seed in range(40):
+        s = build(seed, rx=seed % 2 == 0)
+        q = _queue(s)
+        mq: FastRxQueue | FastTxQueue
+        try:
+            if seed % 2 == 0:
+                mq = FastRxQueue(q, s.features, QueueStats())
+                q.refresh()
+                mq.deliver(memoryview(bytearray(s.frames[0])))
+            else:
+                mq = FastTxQueue(q, s.features, 1 << 16, QueueStats())
+                mq.burst(None)
+        except (IotlbMiss, IotlbDenied, QueueError) as exc:
+            cycle: list[object] = [exc, mq, q]
+            cycle.append(cycle)
+            del cycle
+        holder: list[object] = [mq, q, s.mem]
+        holder.append(holder)
+        del mq, q, holder
+        s.close()
+        gc.collect()
+    assert lingering_mappings() == before

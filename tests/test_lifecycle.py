@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import trio
 
@@ -10,12 +12,14 @@ from tests.probe import frame, memfd_maps, open_fds, ports, session, until
 from tests.vusim.frontend import Frontend, Vring
 from tests.vusim.guestram import GuestRam
 from tests.vusim.rings import Buffer
+from vhostd.memory import lingering_mappings
 
 
 @pytest.mark.trio
 async def test_200_connections_leave_no_fd_and_no_mapping_behind() -> None:
     async with ports("sink") as (_, (port,)):
-        fds, maps = open_fds(), memfd_maps()
+        gc.collect()
+        fds, maps, lingering = open_fds(), memfd_maps(), lingering_mappings()
         for i in range(200):
             async with Frontend.connect(port.config.socket) as fe:
                 await fe.net_setup(queue_pairs=2, queue_size=64)
@@ -25,13 +29,16 @@ async def test_200_connections_leave_no_fd_and_no_mapping_behind() -> None:
             await until(lambda: port.session is None)
         assert port.stats.connections == port.stats.disconnects == 200
         assert (open_fds(), memfd_maps()) == (fds, maps)
+        gc.collect()
+        assert lingering_mappings() == lingering, "a view outlived its session's memory"
         assert not port.stats.protocol_errors
 
 
 @pytest.mark.trio
 async def test_disconnect_mid_traffic() -> None:
     async with ports("reflect") as (_, (port,)):
-        fds, maps = open_fds(), memfd_maps()
+        gc.collect()
+        fds, maps, lingering = open_fds(), memfd_maps(), lingering_mappings()
         async with Frontend.connect(port.config.socket) as fe:
             await fe.net_setup()
             fe.post_rx(0, 64)
@@ -44,6 +51,8 @@ async def test_disconnect_mid_traffic() -> None:
             await trio.sleep(0)
         await until(lambda: port.session is None)
         assert (open_fds(), memfd_maps()) == (fds, maps)
+        gc.collect()
+        assert lingering_mappings() == lingering, "a view outlived its session's memory"
         async with Frontend.connect(port.config.socket) as fe:
             await fe.net_setup()
             fe.post_rx(0, 8)

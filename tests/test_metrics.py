@@ -23,6 +23,7 @@ from vhostd.config import MetricsConfig
 from vhostd.control import fetch
 from vhostd.daemon import Daemon
 from vhostd.metrics import METRIC_NAMES
+from vhostd.session import MISS_OUTSTANDING
 
 LOOPBACK_ANY = MetricsConfig("127.0.0.1:0")
 
@@ -364,9 +365,14 @@ def watch(prom: Prometheus, timeout: float = 40.0) -> None:
     assert rate > 0
     # IOTLB series arrive under their names and move with the simulator's vIOMMU.
     ((_, misses),) = prom.query('vhostd_iotlb_miss_requests_total{port="vm1"}')
-    ((_, updates),) = prom.query('vhostd_iotlb_updates_total{port="vm1"}')
     ((_, entries),) = prom.query('vhostd_iotlb_entries{port="vm1"}')
-    assert misses > 0 and updates >= misses and entries > 0
+    assert misses > 0 and entries > 0
+    # One expression, so both counters come from the same scrape; a scrape may
+    # land while the simulator has a few MISSes still to answer.
+    ((_, unanswered),) = prom.query(
+        'vhostd_iotlb_miss_requests_total{port="vm1"} - vhostd_iotlb_updates_total{port="vm1"}'
+    )
+    assert unanswered <= 2 * MISS_OUTSTANDING
     buckets = prom.query('vhostd_iotlb_miss_service_seconds_bucket{port="vm1"}')
     assert len(buckets) == 13
     ((_, count),) = prom.query('vhostd_iotlb_miss_service_seconds_count{port="vm1"}')

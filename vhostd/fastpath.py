@@ -64,6 +64,17 @@ _FAULTS = (
 )
 
 
+def _address(view: memoryview) -> int:
+    """Where ``view`` starts in this process.
+
+    The export ``from_buffer`` takes is given back at once: a memoryview
+    still exported when the garbage collector clears it in a cycle crashes
+    CPython (3.11) in its later deallocation, and ring views sit in cycles.
+    """
+    with ffi.from_buffer("uint8_t[]", view) as ptr:
+        return int(ffi.cast("uintptr_t", ptr))
+
+
 class _Ring:
     """What C needs of one SplitQueue: ring pointers, translation cache, work areas."""
 
@@ -95,8 +106,8 @@ class _Ring:
             vq.desc = vq.avail = vq.used = ffi.NULL
             self._keep = ()
             if gen is not None:
-                keep = tuple(ffi.from_buffer("uint8_t[]", v) for v in (q._desc, q._avail, q._used))
-                vq.desc, vq.avail, vq.used = keep
+                keep = (q._desc, q._avail, q._used)  # the region lives as long as its views
+                vq.desc, vq.avail, vq.used = (ffi.cast("uint8_t *", _address(v)) for v in keep)
                 self._keep = keep
             self._gen = gen
 
@@ -310,8 +321,12 @@ class FastRxQueue(net.RxQueue):
             ring.sync()
         if ring._gen is None:
             return net.RxQueue.deliver(self, frame)  # no views: fail exactly like the reference
+        with ffi.from_buffer("uint8_t[]", frame) as data:
+            return self._deliver(ring, frame, data)
+
+    def _deliver(self, ring: _Ring, frame: Frame, data: Any) -> bool:
+        q = self.queue
         vq = ring.vq
-        data = ffi.from_buffer("uint8_t[]", frame)
         stalls = 0
         while True:
             vq.last_avail, vq.last_used = q.last_avail, q.last_used

@@ -10,6 +10,7 @@ end. It knows nothing of rings or of the IOTLB: ``guestmem`` builds on it.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,46 @@ from protocol.payloads import MemoryRegion
 from ._native import ffi, lib
 
 U64_END = 1 << 64
+
+log = logging.getLogger(__name__)
+
+
+class _Reservation:
+    """An address range this process mapped, unmapped once nothing can reach it.
+
+    Owned by the cdata pointer of the mapping (``ffi.gc``): every view sliced
+    from the region keeps that pointer alive, so the range cannot be handed
+    to another mapping while a forgotten view still points into it.
+    """
+
+    lingering = 0
+    """Ranges retired by ``MappedRegion.unmap`` that something still references."""
+
+    __slots__ = ("length", "retired")
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.retired = False
+
+    def retire(self, ptr: object) -> None:
+        """Drop the guest's pages now; keep the range as empty private pages."""
+        flags = lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_FIXED | lib.MAP_NORESERVE
+        got = lib.mmap(ptr, self.length, lib.PROT_READ | lib.PROT_WRITE, flags, -1, 0)
+        if int(ffi.cast("uintptr_t", got)) != int(ffi.cast("uintptr_t", ptr)):
+            # Still the guest's pages, but still ours alone until collected.
+            log.error("could not retire a mapping: %s", os.strerror(ffi.errno))
+        self.retired = True
+        _Reservation.lingering += 1
+
+    def release(self, ptr: object) -> None:
+        lib.munmap(ptr, self.length)
+        if self.retired:
+            _Reservation.lingering -= 1
+
+
+def lingering_mappings() -> int:
+    """Regions unmapped but still reachable from some Python object (0 when all is well)."""
+    return _Reservation.lingering
 
 
 class MemoryError_(Exception):
@@ -45,7 +86,7 @@ class MappedRegion:
     mmap_offset: int
     view: memoryview
     _ptr: object = field(repr=False)
-    _length: int = field(repr=False)
+    _reservation: _Reservation = field(repr=False)
 
     @classmethod
     def map(cls, region: MemoryRegion, fd: int) -> MappedRegion:
@@ -66,15 +107,25 @@ class MappedRegion:
             err = ffi.errno
             raise MemoryError_(f"mmap of {length:#x} bytes failed: {os.strerror(err)}")
         lib.madvise(ptr, length, lib.MADV_DONTDUMP)
+        reservation = _Reservation(length)
+        ptr = ffi.gc(ptr, reservation.release)
         view = memoryview(ffi.buffer(ptr, length))[offset:]
-        return cls(region.guest_phys_addr, size, region.userspace_addr, offset, view, ptr, length)
+        return cls(
+            region.guest_phys_addr, size, region.userspace_addr, offset, view, ptr, reservation
+        )
 
     def unmap(self) -> None:
-        """Release the mapping; the view must not be used afterwards."""
-        if self._length:
+        """Give the guest's memory back now; the view must not be used afterwards.
+
+        The address range itself stays reserved, backed by empty private
+        pages, until the last Python object that could reach it (a view
+        sliced from ours, a cdata over one) is gone: a view that outlived its
+        region by mistake then reads zeros and writes into nothing, instead
+        of into whatever the process mapped next at that address.
+        """
+        if not self._reservation.retired:
             self.view.release()
-            lib.munmap(self._ptr, self._length)
-            self._length = 0
+            self._reservation.retire(self._ptr)
 
     def overlaps(self, other: MappedRegion) -> bool:
         return (self.gpa < other.gpa + other.size and other.gpa < self.gpa + self.size) or (

@@ -7,7 +7,6 @@ does with a device IOTLB (its MISS sequence) for comparison.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -90,11 +89,6 @@ def test_dpdk_txonly_reaches_rx(tmp_path: Path) -> None:
     _run(tmp_path, "txonly", False, body)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("VHOSTD_SIM_DPDK_IOMMU"),
-    reason="once segfaulted the pytest process itself (simulator vs DPDK net_vhost with "
-    "iommu-support, 2026-11-26); opt in with VHOSTD_SIM_DPDK_IOMMU=1 until understood",
-)
 def test_iommu_miss_answered_and_traffic_flows(tmp_path: Path) -> None:
     seen: dict[str, object] = {}
 
