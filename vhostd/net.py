@@ -69,7 +69,7 @@ class QueueStats:
     bursts: int = 0
 
 
-def _gather(views: list[memoryview], skip: int) -> memoryview | None:
+def _gather(views: list[memoryview], skip: int) -> memoryview:
     """The chain's bytes after ``skip`` header bytes, without a copy when possible."""
     if len(views) == 1:
         return views[0][skip:]
@@ -132,16 +132,14 @@ class TxQueue:
                 size = total - hdr_len
                 if size < MIN_FRAME or size > self.max_frame:
                     stats.dropped += 1
+                elif not self._header_ok(views):
+                    stats.bad_header += 1
+                    stats.dropped += 1
                 else:
-                    frame = _gather(views, hdr_len)
-                    if frame is None or not self._header_ok(views):
-                        stats.bad_header += 1
-                        stats.dropped += 1
-                    else:
-                        stats.packets += 1
-                        stats.bytes += size
-                        if sink is not None:
-                            sink(frame)
+                    stats.packets += 1
+                    stats.bytes += size
+                    if sink is not None:
+                        sink(_gather(views, hdr_len))
                 q.put(head, 0)
                 done += 1
         finally:
