@@ -20,7 +20,7 @@ JSON keys (``version`` changes only when a key is renamed or removed):
   dialing or connected).
 - ``ports``: list, one object per port:
 
-  - ``name``, ``socket``, ``mode`` (switch/reflect/sink), ``client`` (bool: vhostd
+  - ``name``, ``socket``, ``mode`` (switch/reflect/sink/source), ``client`` (bool: vhostd
     dials the front-end), ``state`` (``listening``, ``dialing``, ``connected``,
     ``stopped``), ``connected`` (bool), ``queue_pairs`` (configured), ``mtu``.
   - ``offered_features`` (hex string); ``features`` and ``protocol_features``

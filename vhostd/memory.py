@@ -23,6 +23,8 @@ U64_END = 1 << 64
 
 log = logging.getLogger(__name__)
 
+_SPACES = {"gpa": "guest physical", "uaddr": "front-end virtual"}
+
 
 class _Reservation:
     """An address range this process mapped, unmapped once nothing can reach it.
@@ -227,14 +229,7 @@ class MemoryTable:
         """A view of guest physical ``[gpa, gpa+size)``, inside one region."""
         r = self._last_gpa
         if r is None or not (r.gpa <= gpa and gpa + size <= r.gpa + r.size):
-            for r in self._regions:
-                if r.gpa <= gpa < r.gpa + r.size:
-                    break
-            else:
-                raise AddressFault(gpa, size, "guest physical")
-            if gpa + size > r.gpa + r.size:
-                raise AddressFault(gpa, size, "guest physical")
-            self._last_gpa = r
+            r = self._last_gpa = self._holding(gpa, size, "gpa")
         start = gpa - r.gpa
         return r.view[start : start + size]
 
@@ -242,27 +237,33 @@ class MemoryTable:
         """A view of front-end virtual ``[uaddr, uaddr+size)``, inside one region."""
         r = self._last_uaddr
         if r is None or not (r.uaddr <= uaddr and uaddr + size <= r.uaddr + r.size):
-            for r in self._regions:
-                if r.uaddr <= uaddr < r.uaddr + r.size:
-                    break
-            else:
-                raise AddressFault(uaddr, size, "front-end virtual")
-            if uaddr + size > r.uaddr + r.size:
-                raise AddressFault(uaddr, size, "front-end virtual")
-            self._last_uaddr = r
+            r = self._last_uaddr = self._holding(uaddr, size, "uaddr")
         start = uaddr - r.uaddr
         return r.view[start : start + size]
 
-    def uaddr_span(self, uaddr: int) -> int:
-        """How many bytes from ``uaddr`` stay inside its region (0 if unmapped)."""
-        for r in self._regions:
-            if r.uaddr <= uaddr < r.uaddr + r.size:
-                return r.uaddr + r.size - uaddr
-        return 0
-
     def gpa_span(self, gpa: int) -> int:
         """How many bytes from ``gpa`` stay inside its region (0 if unmapped)."""
+        return self._span(gpa, "gpa")
+
+    def uaddr_span(self, uaddr: int) -> int:
+        """How many bytes from ``uaddr`` stay inside its region (0 if unmapped)."""
+        return self._span(uaddr, "uaddr")
+
+    # The views above check the last region they used inline (the hot path);
+    # these scan, for either address space named by its MappedRegion field.
+
+    def _holding(self, addr: int, size: int, space: str) -> MappedRegion:
         for r in self._regions:
-            if r.gpa <= gpa < r.gpa + r.size:
-                return r.gpa + r.size - gpa
+            base: int = getattr(r, space)
+            if base <= addr < base + r.size:
+                if addr + size > base + r.size:
+                    break
+                return r
+        raise AddressFault(addr, size, _SPACES[space])
+
+    def _span(self, addr: int, space: str) -> int:
+        for r in self._regions:
+            base: int = getattr(r, space)
+            if base <= addr < base + r.size:
+                return base + r.size - addr
         return 0
