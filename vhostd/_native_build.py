@@ -100,6 +100,7 @@ CDEF = (
                                 const struct vhostd_frame *frames, uint32_t n, int mergeable,
                                 uint32_t hdr_len, const uint8_t *hdr, int swap,
                                 uint32_t nsel, uint32_t want, uint32_t *done);
+    uint32_t vhostd_mac_run(const struct vhostd_frame *frames, uint32_t start, uint32_t n);
 """
 )
 
@@ -550,6 +551,20 @@ static int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
     }
     *done = k;
     return rc;
+}
+
+/* Where the run of frames with the same 12 MAC bytes as frames[start] ends
+   (frames[start, result) share them; at least start + 1). The switch decides
+   once per run: learning the same source twice in a burst changes nothing. */
+static uint32_t vhostd_mac_run(const struct vhostd_frame *frames, uint32_t start, uint32_t n)
+{
+    const uint8_t *m = frames[start].ptr;
+    uint32_t k = start + 1;
+    if (frames[start].len < 12)
+        return k;
+    while (k < n && frames[k].len >= 12 && memcmp(frames[k].ptr, m, 12) == 0)
+        k++;
+    return k;
 }
 """
 

@@ -174,9 +174,9 @@ def _burst_sink(sink: Sink | None) -> Any:
 class FrameBurst:
     """The frames one C TX call collected, valid until the next call on that queue.
 
-    Handed whole to a port that can take a burst (reflect mode), so that
-    delivery is one C call per burst; ``view(i)`` gives one frame to the
-    per-frame path.
+    Handed whole to a port that can take a burst (reflect and switch modes),
+    so that delivery is one C call per burst (per destination for the
+    switch); ``view(i)`` gives one frame to the per-frame path.
     """
 
     __slots__ = ("frames", "n")
@@ -191,6 +191,16 @@ class FrameBurst:
     def view(self, i: int) -> memoryview:
         f = self.frames[i]
         return memoryview(ffi.buffer(f.ptr, f.len))
+
+    def mac_run(self, i: int) -> int:
+        """The end of the run of frames from ``i`` with frame ``i``'s 12 MAC bytes (> ``i``)."""
+        return int(lib.vhostd_mac_run(self.frames, i, self.n))
+
+    def macs(self, i: int) -> bytes:
+        """Destination and source MAC of frame ``i`` (fewer bytes if it is that short)."""
+        f = self.frames[i]
+        macs: bytes = ffi.buffer(f.ptr, min(f.len, 12))[:]
+        return macs
 
     def select(self, i: int, nsel: int) -> int:
         """Which of ``nsel`` RX queues ``Session.send`` picks for frame ``i`` (-1: too short)."""
@@ -354,9 +364,18 @@ class FastRxQueue(net.RxQueue):
             raise ring.error()
 
     def deliver_batch(
-        self, burst: FrameBurst, swap: bool = False, start: int = 0, nsel: int = 1, want: int = 0
+        self,
+        burst: FrameBurst,
+        swap: bool = False,
+        start: int = 0,
+        nsel: int = 1,
+        want: int = 0,
+        end: int | None = None,
     ) -> int:
         """``deliver`` frames of ``burst`` from ``start`` on, in order (MACs swapped if ``swap``).
+
+        Only frames before ``end`` (all when None): the switch ends a batch
+        where the destination changes.
 
         Stops before the first frame that is neither delivered nor dropped
         (no buffer, a translation the door must be asked for and refuses,
@@ -374,7 +393,7 @@ class FastRxQueue(net.RxQueue):
         if ring._gen is None:
             return 0
         vq, cache, done_p = ring.vq, ring.cache, self._done
-        frames, n = burst.frames, burst.n
+        frames, n = burst.frames, burst.n if end is None else end
         stats = self.stats
         done = stalls = 0
         n -= start

@@ -68,10 +68,11 @@ class Port:
             PortMode.SINK: _drop,
             PortMode.SOURCE: _drop,
         }[config.mode]
-        self.forward_burst: Callable[[Session, FrameBurst], None] | None = (
-            self._reflect_burst if config.mode is PortMode.REFLECT else None
-        )
-        """Takes a whole TX burst at once (reflect mode only); see ``fastpath``."""
+        self.forward_burst: Callable[[Session, FrameBurst], None] | None = {
+            PortMode.SWITCH: self._switch_burst,
+            PortMode.REFLECT: self._reflect_burst,
+        }.get(config.mode)
+        """Takes a whole TX burst at once (switch and reflect modes); see ``fastpath``."""
         self.source: Source | None = (
             Source(config.source_frame_size) if config.mode is PortMode.SOURCE else None
         )
@@ -112,6 +113,9 @@ class Port:
 
     def _to_switch(self, session: Session, frame: Frame) -> None:
         self.switch.forward(session, frame)
+
+    def _switch_burst(self, session: Session, burst: FrameBurst) -> None:
+        self.switch.forward_burst(session, burst)
 
     def _reflect(self, session: Session, frame: Frame) -> None:
         out = bytearray(frame)

@@ -771,15 +771,15 @@ class Session:
         rx.enqueue(frame)
         signal(vring.kick)
 
-    def send_burst(self, burst: FrameBurst, start: int, swap: bool) -> int:
-        """Deliver frames of ``burst`` from ``start`` on in C; returns how many.
+    def send_burst(self, burst: FrameBurst, start: int, swap: bool, end: int | None = None) -> int:
+        """Deliver frames of ``burst`` from ``start`` on (up to ``end``) in C; returns how many.
 
         Stops before the first frame that would not go straight into its RX
         ring (none ready, a backlog, no buffer, a miss, a fault): the caller
         hands that one to ``send``, which decides it exactly as alone, and
         calls again for the rest. Frames pick their ring as in ``send``.
         """
-        n = len(burst)
+        n = len(burst) if end is None else end
         i = start
         while i < n:
             ready = self._rx_ready
@@ -798,7 +798,7 @@ class Session:
                 rx.queue.refresh()
             except (IotlbError, QueueError, AccessError):
                 break
-            done: int = deliver_batch(burst, swap, i, nsel, want)
+            done: int = deliver_batch(burst, swap, i, nsel, want, n)
             if not done:
                 break
             self._dirty[vring] = None

@@ -1,7 +1,8 @@
 """A learning L2 switch joining every port and uplink of the daemon.
 
 Each attached :class:`Endpoint` (a vhost-user port, a TAP uplink) hands
-frames in with :meth:`Switch.forward`; the switch learns the source MAC,
+frames in with :meth:`Switch.forward` (a port's whole TX burst with
+:meth:`Switch.forward_burst`); the switch learns the source MAC,
 then sends the frame to the port that last spoke from the destination MAC,
 or floods it when the destination is unknown, broadcast or multicast.
 Entries age out, and the table is bounded: when full, the oldest entry
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .net import Frame
+
+if TYPE_CHECKING:
+    from .fastpath import FrameBurst
 
 
 class Endpoint(Protocol):
@@ -62,11 +66,15 @@ class Switch:
         """Take the time once per burst rather than once per frame."""
         self.now = time.monotonic()
 
-    def forward(self, src: Endpoint, frame: Frame) -> None:
-        """Switch one frame that ``src`` sent."""
+    def _route(self, src: Endpoint, smac: bytes, dmac: bytes) -> Endpoint | None:
+        """Learn ``smac`` on ``src``; where ``dmac`` goes (None: flood, ``src``: filter).
+
+        Calling it again with the same MACs in the same tick changes nothing
+        and answers the same: that is what lets ``forward_burst`` decide once
+        for a run of frames.
+        """
         table = self._table
         now = self.now
-        smac = bytes(frame[6:12])
         if not smac[0] & 1:
             entry = table.get(smac)
             if entry is None or entry[0] is not src:
@@ -77,24 +85,63 @@ class Switch:
             elif now - entry[1] > 1.0:
                 table[smac] = (src, now)
                 table.move_to_end(smac)
-        dmac = bytes(frame[0:6])
         if not dmac[0] & 1:
             entry = table.get(dmac)
             if entry is not None and now - entry[1] <= self.ageing:
-                dst = entry[0]
-                if dst is src:
-                    self.filtered += 1
-                else:
-                    self.forwarded += 1
-                    dst.send(frame)
-                    self._touched[dst] = None
-                return
+                return entry[0]
+        return None
+
+    def forward(self, src: Endpoint, frame: Frame) -> None:
+        """Switch one frame that ``src`` sent."""
+        dst = self._route(src, bytes(frame[6:12]), bytes(frame[0:6]))
+        if dst is not None:
+            if dst is src:
+                self.filtered += 1
+            else:
+                self.forwarded += 1
+                dst.send(frame)
+                self._touched[dst] = None
+            return
         self.flooded += 1
         touched = self._touched
         for ep in self._endpoints:
             if ep is not src:
                 ep.send(frame)
                 touched[ep] = None
+
+    def forward_burst(self, src: Endpoint, burst: FrameBurst) -> None:
+        """``forward`` for each frame of a TX burst, unicast runs delivered in C.
+
+        Consecutive frames with the same MACs get one decision; a run whose
+        destination is a session goes into its RX ring through
+        ``send_burst`` (one C call for as many frames as fit), and the frame
+        that stops it through ``send``, which decides it exactly as alone.
+        Floods and other endpoints (TAP) go frame by frame through ``forward``.
+        Each destination sees the frames in the order sent.
+        """
+        n = len(burst)
+        touched = self._touched
+        i = 0
+        while i < n:
+            j = burst.mac_run(i)
+            macs = burst.macs(i)
+            dst = self._route(src, macs[6:12], macs[0:6]) if len(macs) == 12 else None
+            send_burst = getattr(dst, "send_burst", None)
+            if dst is src:
+                self.filtered += j - i
+            elif dst is None or send_burst is None:
+                for k in range(i, j):
+                    self.forward(src, burst.view(k))
+            else:
+                self.forwarded += j - i
+                k = i + send_burst(burst, i, False, j)
+                while k < j:
+                    dst.send(burst.view(k))  # the frame the batch stopped at
+                    k += 1
+                    if k < j:
+                        k += send_burst(burst, k, False, j)
+                touched[dst] = None
+            i = j
 
     def touch(self, endpoint: Endpoint) -> None:
         """Note that ``endpoint`` was sent frames outside ``forward``."""
