@@ -13,8 +13,13 @@ at 64 and 1518 bytes; reflect/loopback at 64 bytes (front-end flowgen; vhostd
 ``--mode reflect``, net_vhost macswap); back-end to front-end at 64 and 1518
 bytes (vhostd ``--mode source --source-size N`` generates into the front-end's
 RX ring, net_vhost txonly ``--txpkts N``; the front-end runs rxonly and counts
-what it receives); mrg_rxbuf on and off; 1 and 2 queue pairs. Then idle CPU of
-each back-end with a connected, silent front-end (and of a vhostd source port
+what it receives); mrg_rxbuf on and off; 1 and 2 queue pairs; port to port
+through the switch at 64 bytes (one front-end testpmd with two virtio-user
+ports A and B on one lcore in ``mac`` mode: a first burst from each, then
+whatever one port receives goes out of the other, A's to B's MAC and B's to
+A's, through two vhostd ``--mode switch`` ports; counted is what A and B
+received; the reference is one testpmd with two net_vhost ports in io mode).
+Then idle CPU of each back-end with a connected, silent front-end (and of a vhostd source port
 whose front-end is connected but not reading), and the IOTLB cases (translate
 cost with 16 vs 65,536 entries; a sink port with the IOTLB on vs off,
 in-process with the simulator since virtio-user cannot negotiate
@@ -35,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +81,12 @@ CASES = (
     Case("source 1518B -> rxonly", "rxonly", "source", "txonly", size=1518, counted="rx"),
     Case("source 64B, mrg off", "rxonly", "source", "txonly", mrg_rxbuf=False, counted="rx"),
     Case("source 64B, 2 qp", "rxonly", "source", "txonly", queues=2, counted="rx"),
+    Case("switch 64B port <-> port", "mac", "switch", "io", counted="rx"),
 )
+MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+SWITCH_BURSTS = 7
+"""Bursts of 32 each port injects in the switch case: under its 256-entry rings."""
+"""The two virtio-user ports of the switch case: A sends to B's MAC and B to A's."""
 
 
 @dataclass(slots=True)
@@ -105,25 +115,29 @@ def loadavg() -> str:
 
 
 @contextmanager
-def vhostd_backend(workdir: Path, sock: Path, mode: str, size: int = 64) -> Iterator[int]:
+def vhostd_backend(
+    workdir: Path, sock: Path, mode: str, size: int = 64, more: Sequence[Path] = ()
+) -> Iterator[int]:
     args = ["--socket", str(sock), "--mode", mode, "--control-socket", str(workdir / "ctl.sock")]
+    for extra in more:
+        args += ["--socket", str(extra)]
     args += ["--log-level", "warning"]
     if mode == "source":
         args += ["--source-size", str(size)]
     wrapper = ["taskset", "-c", BACKEND_CPU] if shutil.which("taskset") else []
     proc = VhostdProcess(args, workdir / "vhostd.log", wrapper=wrapper)
     with proc:
-        proc.start(wait_for=[sock])
+        proc.start(wait_for=[sock, *more])
         assert proc.proc is not None
         yield proc.proc.pid  # taskset execs: the PID is vhostd's
 
 
 @contextmanager
 def dpdk_backend(
-    workdir: Path, sock: Path, mode: str, queues: int, size: int = 64
+    workdir: Path, sock: Path, mode: str, queues: int, size: int = 64, more: Sequence[Path] = ()
 ) -> Iterator[int]:
     pmd = Testpmd(
-        [VhostBackend(sock, queues=queues)],
+        [VhostBackend(s, queues=queues) for s in (sock, *more)],
         workdir,
         forward_mode=mode,
         txpkts=size if mode == "txonly" else None,
@@ -165,7 +179,70 @@ def measure(fe: Testpmd, backend_pid: int, case: Case, seconds: float) -> Sample
     return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None)
 
 
+def switch_frontend(workdir: Path, sock_a: Path, sock_b: Path, case: Case) -> Testpmd:
+    """One testpmd, virtio-user ports A and B on one lcore; A sends to MAC_B, B to MAC_A.
+
+    Two testpmd processes (A txonly, B rxonly) on the one front-end CPU
+    measure the scheduler instead: whichever is off the CPU for its time
+    slice stalls the other's ring, and both back-ends fell to a few hundred
+    frames per slice. flowgen would do on one lcore but writes fixed MACs
+    that the switch can never learn (everything floods); ``mac`` mode keeps
+    the bursts ``tx_first`` injected circulating with the ports' own MACs.
+    """
+    return Testpmd(
+        [
+            VirtioUser(s, queues=case.queues, mrg_rxbuf=case.mrg_rxbuf, mac=mac)
+            for s, mac in ((sock_a, MAC_A), (sock_b, MAC_B))
+        ],
+        workdir,
+        forward_mode=case.frontend_mode,
+        txpkts=case.size,
+        lcores=FRONTEND_LCORES,
+        extra_app=(f"--eth-peer=0,{MAC_B}", f"--eth-peer=1,{MAC_A}"),
+        name="virtio-user",
+    )
+
+
+def measure_switch(fe: Testpmd, backend_pid: int, seconds: float) -> Sample:
+    """Both ports' bursts circulate; what both received over ``seconds`` counts."""
+    fe.wait_link_up(0)
+    fe.wait_link_up(1)
+    fe.command_output(f"start tx_first {SWITCH_BURSTS}")
+    time.sleep(min(1.0, seconds / 2))
+    fe.clear_stats()
+    cpu0, t0 = cpu_seconds(backend_pid), time.monotonic()
+    time.sleep(seconds)
+    stats = fe.port_stats()
+    cpu1, t1 = cpu_seconds(backend_pid), time.monotonic()
+    fe.stop_forwarding()
+    if not fe.running():
+        raise RuntimeError("testpmd died during the switch case")
+    mpkts = (stats[0].rx_packets + stats[1].rx_packets) / 1e6
+    return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None)
+
+
+def run_switch_case(case: Case, workdir: Path, seconds: float, result: Result) -> None:
+    a, b = workdir / "a.sock", workdir / "b.sock"
+    with (
+        vhostd_backend(workdir, a, case.vhostd_mode, more=[b]) as pid,
+        switch_frontend(workdir, a, b, case) as fe,
+    ):
+        result.vhostd.append(measure_switch(fe, pid, seconds))
+    a.unlink(missing_ok=True)
+    b.unlink(missing_ok=True)
+    with (
+        dpdk_backend(workdir, a, case.dpdk_mode, case.queues, more=[b]) as pid,
+        switch_frontend(workdir, a, b, case) as fe,
+    ):
+        result.dpdk.append(measure_switch(fe, pid, seconds))
+    a.unlink(missing_ok=True)
+    b.unlink(missing_ok=True)
+
+
 def run_case(case: Case, workdir: Path, seconds: float, result: Result) -> None:
+    if case.vhostd_mode == "switch":
+        run_switch_case(case, workdir, seconds, result)
+        return
     sock = workdir / "bench.sock"
     with (
         vhostd_backend(workdir, sock, case.vhostd_mode, case.size) as pid,
@@ -246,7 +323,12 @@ def iotlb_cases(quick: bool) -> None:
         f"translate: {small:.0f} ns/op with 16 live entries; with 65,536 live entries "
         f"{hot:.0f} ns/op ({hot / small:.2f}x) when lookups go to a ring's 256 pages, "
         f"{spread:.0f} ns/op ({spread / small:.2f}x) when each goes to a random one of all "
-        "65,536 (memory latency, not the lookup's algorithm)"
+        "65,536"
+    )
+    floor16, floor64k = iotlb_bench.time_dict_floor(16), iotlb_bench.time_dict_floor(65_536)
+    print(
+        f"floor: a plain dict lookup of a random key costs {floor16:.0f} ns with 16 keys and "
+        f"{floor64k:.0f} ns with 65,536 ({floor64k / floor16:.2f}x): memory latency on this machine"
     )
     iotlb_pps.report(pairs=3 if quick else 10, seconds=1.0)
 
