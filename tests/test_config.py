@@ -18,12 +18,12 @@ from vhostd.config import (
     TapConfig,
     check_config_text,
     config_from_args,
-    diff_for_reload,
     format_config,
     load_config,
     parse_config,
     parse_listen,
 )
+from vhostd.reload import diff_for_reload
 from vhostd.tomlpos import KeyLines
 
 REPO = Path(__file__).resolve().parent.parent

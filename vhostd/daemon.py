@@ -118,7 +118,8 @@ class Daemon:
 
     def reload(self) -> None:
         """Apply a new configuration file: add and remove ports, refuse the rest."""
-        from .config import ConfigError, diff_for_reload
+        from .config import ConfigError
+        from .reload import diff_for_reload
 
         if self.config_path is None:
             log.warning("SIGHUP: no configuration file to reload")
