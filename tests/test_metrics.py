@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.daemon import VhostdProcess, port_config, serving
+from tests.e2e.vhostd_status import metrics_target
 from tests.lab.fixtures import require_binary
+from tests.lab.prometheus import Prometheus
 from tests.vusim.frontend import Frontend
 from vhostd.config import MetricsConfig
-from vhostd.control import fetch
 from vhostd.daemon import Daemon
 from vhostd.metrics import METRIC_NAMES
 from vhostd.session import MISS_OUTSTANDING
@@ -234,72 +232,6 @@ def test_promtool_accepts_the_exposition(tmp_sock_dir: Path) -> None:
 # -- a real Prometheus scraping a vhostd process ---------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Prometheus:
-    """The Debian ``prometheus`` server on loopback, storage in a temp dir."""
-
-    def __init__(self, workdir: Path, target: str) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        config = workdir / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: vhostd\n"
-            f"    static_configs:\n      - targets: ['{target}']\n"
-        )
-        self.log_path = workdir / "prometheus.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    "prometheus",
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--log.level=warn",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.base + path, timeout=5) as resp:
-            data: bytes = resp.read()
-            return data
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.get("/-/ready")
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"prometheus not ready:\n{self.log()}") from None
-                time.sleep(0.1)
-
-    def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
-        data = json.loads(self.get("/api/v1/query?" + urllib.parse.urlencode({"query": expr})))
-        assert data["status"] == "success", data
-        return [(r["metric"], float(r["value"][1])) for r in data["data"]["result"]]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture
 def vhostd_with_metrics(tmp_sock_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A vhostd process with an IOMMU sink port; yields (metrics host:port, port socket)."""
@@ -313,10 +245,9 @@ def vhostd_with_metrics(tmp_sock_dir: Path, tmp_path: Path) -> Iterator[tuple[st
     args = ["--config", str(config), "--metrics-listen", "127.0.0.1:0"]
     proc = VhostdProcess(args, tmp_path / "vhostd.log")
     with proc.start(wait_for=[sock, ctl]):
-        url = fetch(str(ctl))["metrics"]
-        assert url and url.startswith("http://127.0.0.1:"), proc.log()
-        assert f"metrics on {url}" in proc.log()
-        yield url.removeprefix("http://"), sock
+        target = metrics_target(ctl)
+        assert target.startswith("127.0.0.1:"), proc.log()
+        yield target, sock
 
 
 @pytest.mark.e2e

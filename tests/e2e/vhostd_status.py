@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.daemon import REPO, VhostdProcess
+from vhostd.control import fetch
 
 Status = dict[str, Any]
 
@@ -77,3 +78,19 @@ def assert_clean(p: Status) -> None:
     assert p["queue_faults"] == {}, p["queue_faults"]
     assert p["iotlb"]["miss_timeouts"] == 0, p["iotlb"]
     assert p["iotlb"]["access_failures"] == 0, p["iotlb"]
+
+
+def metrics_target(control: Path, timeout: float = 15.0) -> str:
+    """``host:port`` of the daemon's metrics endpoint, once it is listening.
+
+    The control socket answers as soon as it exists; the metrics listener
+    may bind a moment later, and the snapshot says null until then.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        url = fetch(str(control))["metrics"]
+        if url:
+            assert url.startswith("http://"), url
+            return str(url).removeprefix("http://")
+        assert time.monotonic() < deadline, "the metrics endpoint never came up"
+        time.sleep(0.05)
