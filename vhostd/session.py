@@ -10,15 +10,18 @@ Request handlers are synchronous. That is what makes IOTLB invalidation
 safe: a ring task touches guest memory only between two awaits and keeps no
 translated view across one, so by the time a handler runs, no access is in
 flight, and the INVALIDATE ack it sends is true.
+
+The ring tasks' loop is :mod:`vhostd.rings`; the IOTLB misses they stop at are
+:mod:`vhostd.misses`. This module keeps the requests, the rings' start and
+stop, what a broken ring means for the device, and the switch-facing side.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -45,39 +48,28 @@ from protocol import (
 from .channel import BackendChannel, Channel, close_fds
 from .fastpath import RxQueue, TxQueue
 from .guestmem import AccessError, GuestMemory
-from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbError, IotlbMiss, PendingMisses
+from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbError, IotlbMiss
 from .memory import MemoryError_
 from .memory import MemoryTable as RegionTable
+from .misses import MISS_LOOKAHEAD as MISS_LOOKAHEAD  # re-exported for importers of vhostd.session
+from .misses import MISS_OUTSTANDING as MISS_OUTSTANDING
+from .misses import MISS_TIMEOUT as MISS_TIMEOUT
+from .misses import Misses
+from .rings import RingLoop, interrupt
 from .virtqueue import MAX_QUEUE_SIZE, QueueError, SplitQueue, ring_sizes
-from .vring import Vring, close_fd, drain, signal
+from .vring import Vring, close_fd, signal
 
 if TYPE_CHECKING:
     from .fastpath import FrameBurst
     from .port import Port
-    from .source import SourceRing
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 R = FrontendRequest
 VF = VirtioFeature
 PF = ProtocolFeature
 
 MAX_MEM_SLOTS = 64
-MISS_LOOKAHEAD = 64
-"""How many available chains a queue that missed scans for more pages to ask for."""
-MISS_OUTSTANDING = 16
-"""Most MISSes a connection keeps outstanding for look-ahead: QEMU answers them one
-round trip at a time, and a long queue of guesses would delay the MISS a ring
-is actually stuck on."""
-MISS_TIMEOUT = 5.0
-"""Seconds a queue waits for the front-end to answer a MISS before giving up.
-
-QEMU answers a MISS within milliseconds when the guest mapped the address
-and never when it did not, so this bounds how long a bad address can park
-a queue, not how long a good one takes. It is generous because a QEMU whose
-main loop is busy (TCG, a storm of misses) was seen taking over 2 s.
-"""
 
 OFFERED_PROTOCOL = (
     PF.MQ
@@ -135,9 +127,8 @@ class Session:
         self.iotlb: IoTlb | None = None
         self.mem = GuestMemory(self.table)
         self.backend: BackendChannel | None = None
-        self.pending = PendingMisses()
-        self.iotlb_changed = trio.Event()
-        self.miss_timeout = port.miss_timeout
+        self.misses = Misses(self.stats, self.mem, lambda: self.backend, port.miss_timeout)
+        self.ring_loop = RingLoop(port, self._sink, self.misses)
         self.vrings = [Vring(i) for i in range(2 * self.queue_pairs)]
         self._rx_ready: list[Vring] = []
         self._dirty: dict[Vring, None] = {}
@@ -469,11 +460,7 @@ class Session:
                     "bad_iotlb_uaddr", f"IOTLB update to {m.uaddr:#x}, outside the memory table"
                 )
             iotlb.update(m.iova, m.size, m.uaddr, m.perm)
-            now = trio.current_time()
-            for sent in self.pending.resolve(m.iova, m.size):
-                self.stats.iotlb_miss_time.observe(now - sent)
-            self.iotlb_changed.set()
-            self.iotlb_changed = trio.Event()
+            self.misses.updated(m.iova, m.size)
         elif m.type == IotlbType.INVALIDATE:
             iotlb.invalidate(m.iova, m.size)
         else:
@@ -501,7 +488,7 @@ class Session:
             vring.base = 0
         if self.iotlb is not None:
             self.iotlb.flush()
-        self.pending.clear()
+        self.misses.clear()
 
     # -- rings -------------------------------------------------------------
 
@@ -566,172 +553,18 @@ class Session:
             q.backlog.clear()
 
     async def _ring_task(self, vring: Vring, scope: trio.CancelScope) -> None:
+        """Run one ring until cancelled; a ring the loop finds broken is failed here."""
         with scope:
             try:
-                await self._run_ring(vring)
+                await self.ring_loop.run(vring)
             except QueueError as exc:
                 self._fail(vring, exc.fault.value, str(exc))
             except IotlbDenied as exc:
                 self.stats.blocked_accesses += 1
-                await self._access_failed(exc.iova, exc.need)
+                await self.misses.access_failed(exc.iova, exc.need)
                 self._fail(vring, "iotlb_denied", str(exc))
             except AccessError as exc:
                 self._fail(vring, "access_error", str(exc))
-
-    async def _run_ring(self, vring: Vring) -> None:
-        """Process the ring whenever it is kicked, until cancelled or broken."""
-        q = vring.tx or vring.rx
-        assert q is not None and vring.kick is not None
-        kick, queue, stats = vring.kick, q.queue, q.stats
-        await self._translated(vring, queue.sync_from_used)
-        work = self._rx_round if vring.is_rx else self._tx_round
-        source = self.port.source
-        filler = source.ring(vring.rx) if source is not None and vring.rx is not None else None
-        if filler is not None:
-            work = functools.partial(self._source_round, filler)
-        while True:
-            if await self._translated(vring, lambda: work(vring)):
-                await trio.lowlevel.checkpoint()
-                continue
-            more = await self._translated(vring, queue.want_kicks)
-            if more and (
-                vring.tx is not None
-                or (vring.rx is not None and vring.rx.backlog)
-                or (filler is not None and vring.enabled and not filler.stuck)
-            ):
-                continue
-            await trio.lowlevel.wait_readable(kick)
-            drain(kick)
-            stats.kicks += 1
-            queue.suppress_kicks()
-
-    async def _translated(self, vring: Vring, step: Callable[[], T]) -> T:
-        """Run ``step``; on an IOTLB miss, ask the front-end and run it again.
-
-        The step leaves the ring consistent when it raises (chains taken so far
-        are published, the missing one is not taken), so running it again
-        resumes exactly where it stopped: no packet is lost to a miss.
-        """
-        while True:
-            try:
-                return step()
-            except IotlbMiss as miss:
-                await self._resolve_miss(vring, miss)
-
-    async def _resolve_miss(self, vring: Vring, miss: IotlbMiss) -> None:
-        """Send one MISS per page and wait, bounded, for the UPDATE.
-
-        The pages the next available chains will need are asked for at the
-        same time: QEMU answers each MISS in a round trip through its main
-        loop, and a queue that asked one page at a time would pay that round
-        trip once per packet.
-        """
-        # Taken before the MISS goes out: the UPDATE can be handled while send_iotlb
-        # awaits, and it replaces iotlb_changed with a fresh Event nobody will set.
-        changed = self.iotlb_changed
-        sent = self.pending.sent_at(miss.iova, miss.perm)
-        if sent is None:
-            sent = await self._send_miss(miss)
-        for ahead in self._misses_ahead(vring):
-            if len(self.pending) >= MISS_OUTSTANDING:
-                break
-            if (ahead.iova, ahead.perm) not in self.pending:
-                await self._send_miss(ahead)
-        with trio.move_on_at(sent + self.miss_timeout):
-            await changed.wait()
-            return
-        self.pending.forget(miss.iova, miss.perm)
-        self.stats.iotlb_miss_timeouts += 1
-        await self._access_failed(miss.iova, miss.perm)
-        raise AccessError(f"IOTLB miss at iova {miss.iova:#x} unanswered for {self.miss_timeout}s")
-
-    async def _send_miss(self, miss: IotlbMiss) -> float:
-        backend = self.backend
-        now = trio.current_time()
-        self.pending.add(miss.iova, miss.perm, now)  # before the UPDATE can answer it
-        if backend is None or not await backend.send_iotlb(IotlbType.MISS, miss.iova, miss.perm):
-            self.pending.forget(miss.iova, miss.perm)
-            raise AccessError(f"IOTLB miss at {miss.iova:#x} and no back-end channel")
-        self.stats.iotlb_miss_sent += 1
-        return now
-
-    def _misses_ahead(self, vring: Vring) -> list[IotlbMiss]:
-        """The translations the next available chains lack, found without taking them."""
-        q = vring.tx
-        if q is None or self.mem.iotlb is None:
-            # TX only: a driver may post RX buffers it maps lazily or recycles,
-            # and a MISS for an IOVA it has not mapped is a DMAR fault in the guest.
-            return []
-        queue = q.queue
-        found: list[IotlbMiss] = []
-        views: list[memoryview] = []
-        try:
-            queue.refresh()
-            for nth in range(min(queue.available(), MISS_LOOKAHEAD)):
-                views.clear()
-                try:
-                    queue.walk(queue.head(nth), vring.is_rx, views)
-                except IotlbMiss as ahead:
-                    found.append(ahead)
-        except (IotlbError, QueueError, AccessError):
-            pass  # whatever is wrong is reported when the queue gets there
-        return found
-
-    async def _access_failed(self, iova: int, perm: IotlbPerm) -> None:
-        self.stats.access_failures += 1
-        if self.backend is not None:
-            await self.backend.send_iotlb(IotlbType.ACCESS_FAIL, iova, perm)
-
-    def _interrupt(self, vring: Vring, queue: SplitQueue) -> None:
-        q = vring.tx or vring.rx
-        assert q is not None
-        if queue.needs_interrupt():
-            if signal(vring.call):
-                q.stats.interrupts += 1
-        else:
-            q.stats.suppressed += 1
-
-    def _tx_round(self, vring: Vring) -> bool:
-        tx = vring.tx
-        assert tx is not None
-        port = self.port
-        port.tick()
-        taken = 0
-        try:
-            taken = tx.burst(self._sink if vring.enabled else None)
-        finally:
-            port.flush()
-            if tx.queue.published:
-                self._interrupt(vring, tx.queue)
-        return taken > 0
-
-    def _rx_round(self, vring: Vring) -> bool:
-        rx = vring.rx
-        assert rx is not None
-        if not rx.backlog or not vring.enabled:
-            return False
-        done = 0
-        try:
-            done = rx.flush_backlog()
-        finally:
-            rx.queue.publish()
-            if rx.queue.published:
-                self._interrupt(vring, rx.queue)
-        return done > 0 and bool(rx.backlog)
-
-    def _source_round(self, filler: SourceRing, vring: Vring) -> bool:
-        """Source mode: fill the RX buffers the guest posted; True if there may be more."""
-        if not vring.enabled:
-            return False
-        rx = filler.rx
-        done = 0
-        try:
-            done = filler.fill()
-        finally:
-            rx.queue.publish()
-            if rx.queue.published:
-                self._interrupt(vring, rx.queue)
-        return done > 0 and not filler.stuck
 
     # -- the switch side -----------------------------------------------------
 
@@ -762,7 +595,7 @@ class Session:
                 self.stats.queue(vring.index).dropped += 1
                 self._fail(vring, "iotlb_denied", str(exc))
                 assert self._nursery is not None
-                self._nursery.start_soon(self._access_failed, exc.iova, exc.need)
+                self._nursery.start_soon(self.misses.access_failed, exc.iova, exc.need)
                 return
             except (QueueError, AccessError) as exc:
                 kind = exc.fault.value if isinstance(exc, QueueError) else "access_error"
@@ -813,7 +646,7 @@ class Session:
                 rx = vring.rx
                 if rx is not None and vring.failed is None:
                     rx.queue.publish()
-                    self._interrupt(vring, rx.queue)
+                    interrupt(vring, rx.queue)
             dirty.clear()
 
 

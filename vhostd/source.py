@@ -6,7 +6,7 @@ frame, as fast as buffers come. Generation goes through the ordinary delivery
 path (``RxQueue.deliver``, and ``FastRxQueue.deliver_batch`` over a burst
 whose entries all point at the one template), so mergeable buffers, the
 IOTLB and every ring check behave as for frames from the switch. The ring
-task owns the pacing (``Session._run_ring``): it fills until no buffer is
+task owns the pacing (``RingLoop.run`` in rings.py): it fills until no buffer is
 left, then sleeps until the guest kicks.
 """
 

@@ -1,0 +1,138 @@
+"""The data path of a started ring: one task that works the ring whenever it is kicked.
+
+Every round is synchronous: it touches guest memory only between two awaits
+and keeps no translated view across one, so the session's request handlers
+(IOTLB INVALIDATE above all) always run with no access in flight.
+
+The loop raises what breaks a ring (:class:`~vhostd.virtqueue.QueueError`,
+:class:`~vhostd.iotlb.IotlbDenied`, :class:`~vhostd.guestmem.AccessError`);
+the session decides what that means, as it does for the same errors on its
+switch side.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import trio
+
+from .iotlb import IotlbMiss
+from .vring import Vring, drain, signal
+
+if TYPE_CHECKING:
+    from .misses import Misses
+    from .net import Sink
+    from .port import Port
+    from .source import SourceRing
+    from .virtqueue import SplitQueue
+
+T = TypeVar("T")
+
+
+def interrupt(vring: Vring, queue: SplitQueue) -> None:
+    """Signal the guest through the call fd, unless the driver suppressed it."""
+    q = vring.tx or vring.rx
+    assert q is not None
+    if queue.needs_interrupt():
+        if signal(vring.call):
+            q.stats.interrupts += 1
+    else:
+        q.stats.suppressed += 1
+
+
+class RingLoop:
+    """What every ring task of one session runs.
+
+    ``sink`` takes each frame a TX ring sends (the session's ``_sink``, which
+    ``fastpath`` recognises to hand it whole bursts); ``misses`` answers the
+    IOTLB misses a round stops at.
+    """
+
+    def __init__(self, port: Port, sink: Sink, misses: Misses) -> None:
+        self.port = port
+        self.sink = sink
+        self.misses = misses
+
+    async def run(self, vring: Vring) -> None:
+        """Process the ring whenever it is kicked, until cancelled or broken."""
+        q = vring.tx or vring.rx
+        assert q is not None and vring.kick is not None
+        kick, queue, stats = vring.kick, q.queue, q.stats
+        await self._translated(vring, queue.sync_from_used)
+        work = self._rx_round if vring.is_rx else self._tx_round
+        source = self.port.source
+        filler = source.ring(vring.rx) if source is not None and vring.rx is not None else None
+        if filler is not None:
+            work = functools.partial(self._source_round, filler)
+        while True:
+            if await self._translated(vring, lambda: work(vring)):
+                await trio.lowlevel.checkpoint()
+                continue
+            more = await self._translated(vring, queue.want_kicks)
+            if more and (
+                vring.tx is not None
+                or (vring.rx is not None and vring.rx.backlog)
+                or (filler is not None and vring.enabled and not filler.stuck)
+            ):
+                continue
+            await trio.lowlevel.wait_readable(kick)
+            drain(kick)
+            stats.kicks += 1
+            queue.suppress_kicks()
+
+    async def _translated(self, vring: Vring, step: Callable[[], T]) -> T:
+        """Run ``step``; on an IOTLB miss, ask the front-end and run it again.
+
+        The step leaves the ring consistent when it raises (chains taken so far
+        are published, the missing one is not taken), so running it again
+        resumes exactly where it stopped: no packet is lost to a miss.
+        """
+        while True:
+            try:
+                return step()
+            except IotlbMiss as miss:
+                await self.misses.resolve(vring, miss)
+
+    def _tx_round(self, vring: Vring) -> bool:
+        tx = vring.tx
+        assert tx is not None
+        port = self.port
+        port.tick()
+        taken = 0
+        try:
+            taken = tx.burst(self.sink if vring.enabled else None)
+        finally:
+            port.flush()
+            if tx.queue.published:
+                interrupt(vring, tx.queue)
+        return taken > 0
+
+    def _rx_round(self, vring: Vring) -> bool:
+        rx = vring.rx
+        assert rx is not None
+        if not rx.backlog or not vring.enabled:
+            return False
+        done = 0
+        try:
+            done = rx.flush_backlog()
+        finally:
+            rx.queue.publish()
+            if rx.queue.published:
+                interrupt(vring, rx.queue)
+        return done > 0 and bool(rx.backlog)
+
+    def _source_round(self, filler: SourceRing, vring: Vring) -> bool:
+        """Source mode: fill the RX buffers the guest posted; True if there may be more."""
+        if not vring.enabled:
+            return False
+        rx = filler.rx
+        done = 0
+        try:
+            done = filler.fill()
+        finally:
+            rx.queue.publish()
+            if rx.queue.published:
+                interrupt(vring, rx.queue)
+        return done > 0 and not filler.stuck
