@@ -66,8 +66,15 @@ class RingLoop:
         filler = source.ring(vring.rx) if source is not None and vring.rx is not None else None
         if filler is not None:
             work = functools.partial(self._source_round, filler)
+        resolve = self.misses.resolve
         while True:
-            if await self._translated(vring, lambda: work(vring)):
+            # _translated inlined: this runs once per burst.
+            try:
+                busy = work(vring)
+            except IotlbMiss as miss:
+                await resolve(vring, miss)
+                continue
+            if busy:
                 await trio.lowlevel.checkpoint()
                 continue
             more = await self._translated(vring, queue.want_kicks)
