@@ -341,6 +341,22 @@ def test_pending_misses_resolve_and_forget() -> None:
     assert len(pending) == 0
 
 
+def test_pending_misses_only_look_ahead_ones_expire() -> None:
+    pending = PendingMisses()
+    pending.add(0x1000, R, now=0.0)  # a queue's own: it bounds its wait itself
+    pending.add(0x2000, R, now=0.0, ahead=True)
+    pending.add(0x3000, R, now=9.0, ahead=True)
+    assert pending.ahead(0x2FFF, R) and not pending.ahead(0x1000, R)
+    assert pending.expire(before=5.0) == 1
+    assert (0x1000, R) in pending and (0x2000, R) not in pending and (0x3000, R) in pending
+    # Answered or forgotten, a page is no longer a look-ahead's.
+    pending.resolve(0x3000, 0x1000)
+    assert not pending.ahead(0x3000, R)
+    assert pending.add(0x3000, R, now=10.0)
+    assert not pending.ahead(0x3000, R)
+    assert pending.expire(before=100.0) == 0
+
+
 # -- model-based ---------------------------------------------------------------
 
 # Small world: 32 pages, updates and invalidates on page bounds, translates on bytes.

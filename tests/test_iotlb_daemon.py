@@ -417,3 +417,36 @@ async def test_a_queue_that_misses_asks_for_the_next_chains_pages_at_once() -> N
         assert len(asked_before) == n, "every posted buffer's page asked for in one go"
         assert p0.stats.queue(1).packets == n + 1
         assert p0.stats.iotlb_miss_timeouts == 0
+
+
+@pytest.mark.trio
+async def test_a_dropped_look_ahead_miss_does_not_stop_the_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The front-end never answers one look-ahead MISS (as QEMU when the page is unmapped by
+    the time it looks); when the queue gets to that chain it asks for itself, and the
+    answer to its own MISS lets the frame through: no timeout, no stopped queue."""
+    async with (
+        ports("sink", miss_timeout=0.5) as (_, (p0,)),
+        Frontend.connect(p0.config.socket) as fe,
+    ):
+        await fe.net_setup(iommu=True)
+        await fe.send_frames(1, [frame(0)], timeout=15)  # rings translated
+        answer = VIommu.answer_miss
+        asked: list[int] = []
+
+        def drop_first_look_ahead(self: VIommu, iova: int, perm: IotlbPerm) -> IotlbMsg | None:
+            page = iova & ~(PAGE - 1)
+            asked.append(page)
+            if len(set(asked)) == 2 and asked.count(page) == 1:
+                return None  # the second page asked for: the look-ahead's
+            return answer(self, iova, perm)
+
+        monkeypatch.setattr(VIommu, "answer_miss", drop_first_look_ahead)
+        done = await fe.send_frames(1, [frame(1), frame(2)], timeout=15)
+        assert len(done) == 2
+        dropped = [page for page in set(asked) if asked.count(page) == 2]
+        assert len(dropped) == 1, asked  # asked ahead, dropped, asked again by the queue
+        assert p0.stats.queue(1).packets == 3
+        assert p0.stats.iotlb_miss_timeouts == 0
+        assert p0.stats.queue_faults.total() == 0

@@ -379,6 +379,8 @@ class PendingMisses:
 
     page_size: int = 4096
     _sent: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
+    # Pages asked for ahead of need; nobody waits on them until a queue gets there.
+    _ahead: set[tuple[int, int]] = field(default_factory=set, repr=False)
 
     def __len__(self) -> int:
         return len(self._sent)
@@ -396,17 +398,40 @@ class PendingMisses:
         """When the outstanding MISS for this page and perm went out, if one did."""
         return self._sent.get(self._key(iova, perm))
 
-    def add(self, iova: int, perm: IotlbPerm, now: float) -> bool:
-        """Record a miss at `iova`; True if the caller should send MISS (not already pending)."""
+    def add(self, iova: int, perm: IotlbPerm, now: float, ahead: bool = False) -> bool:
+        """Record a miss at `iova`; True if the caller should send MISS (not already pending).
+
+        ``ahead``: asked for before any queue needed it (a look-ahead).
+        """
         key = self._key(iova, perm)
         if key in self._sent:
             return False
         self._sent[key] = now
+        if ahead:
+            self._ahead.add(key)
         return True
+
+    def ahead(self, iova: int, perm: IotlbPerm) -> bool:
+        """Whether the outstanding MISS for this page was a look-ahead's."""
+        return self._key(iova, perm) in self._ahead
+
+    def expire(self, before: float) -> int:
+        """Forget the look-ahead misses sent before ``before``; returns how many.
+
+        A queue that needed a page bounds its own wait; one asked for ahead
+        has nobody waiting, so nothing else would ever drop it.
+        """
+        old = [key for key in self._ahead if self._sent[key] < before]
+        for key in old:
+            del self._sent[key]
+            self._ahead.discard(key)
+        return len(old)
 
     def forget(self, iova: int, perm: IotlbPerm) -> None:
         """Give up on a MISS (unanswered, or never sent)."""
-        self._sent.pop(self._key(iova, perm), None)
+        key = self._key(iova, perm)
+        self._sent.pop(key, None)
+        self._ahead.discard(key)
 
     def resolve(self, iova: int, size: int) -> list[float]:
         """Forget the misses on pages overlapping ``[iova, iova+size)`` (an UPDATE came).
@@ -416,7 +441,9 @@ class PendingMisses:
         end = iova + size
         page_size = self.page_size
         done = [key for key in self._sent if key[0] < end and key[0] + page_size > iova]
+        self._ahead.difference_update(done)
         return [self._sent.pop(key) for key in done]
 
     def clear(self) -> None:
         self._sent.clear()
+        self._ahead.clear()
