@@ -148,6 +148,23 @@ def _histogram(
     return family
 
 
+class _Counters:
+    """One counter family per ``(name, attr, doc)`` row, filled from objects' attributes."""
+
+    def __init__(self, table: tuple[tuple[str, str, str], ...], labels: list[str]) -> None:
+        self._families = [
+            (CounterMetricFamily(name, doc, labels=labels), attr) for name, attr, doc in table
+        ]
+
+    def add(self, values: list[str], source: object | None) -> None:
+        """One sample per family: ``source``'s attribute, or 0 when there is no source."""
+        for family, attr in self._families:
+            family.add_metric(values, getattr(source, attr) if source is not None else 0)
+
+    def __iter__(self) -> Iterator[Metric]:
+        return (family for family, _ in self._families)
+
+
 def _queue_keys(port: Port) -> list[tuple[int, str]]:
     """Every configured queue (zero until used) plus any a front-end used."""
     keys = {(qp, d) for qp in range(port.config.queue_pairs) for d in ("rx", "tx")}
@@ -197,10 +214,7 @@ class DaemonCollector(Collector):
         status = GaugeMetricFamily(
             "vhostd_device_status", "Virtio device status byte (SET_STATUS).", labels=["port"]
         )
-        counters = [
-            (CounterMetricFamily(name, doc, labels=["port"]), attr)
-            for name, attr, doc in PORT_COUNTERS
-        ]
+        counters = _Counters(PORT_COUNTERS, ["port"])
         errors = CounterMetricFamily(
             "vhostd_protocol_errors",
             "Bad or refused vhost-user messages, by kind.",
@@ -225,14 +239,13 @@ class DaemonCollector(Collector):
             features.add_metric(name, session.features if session else 0)
             protocol.add_metric(name, session.protocol_features if session else 0)
             status.add_metric(name, session.status if session else 0)
-            for family, attr in counters:
-                family.add_metric(name, getattr(port.stats, attr))
+            counters.add(name, port.stats)
             for kind, n in sorted(port.stats.protocol_errors.items()):
                 errors.add_metric([port.name, kind], n)
             for kind, n in sorted(port.stats.queue_faults.items()):
                 faults.add_metric([port.name, kind], n)
         yield from (info, connected, pairs, features, protocol, status)
-        yield from (family for family, _ in counters)
+        yield from counters
         yield from (errors, faults)
 
     def _queues(self, ports: list[Port]) -> Iterator[Metric]:
@@ -240,10 +253,7 @@ class DaemonCollector(Collector):
         running = GaugeMetricFamily(
             "vhostd_vring_running", "1 while the ring is started and not failed.", labels=labels
         )
-        counters = [
-            (CounterMetricFamily(name, doc, labels=labels), attr)
-            for name, attr, doc in QUEUE_COUNTERS
-        ]
+        counters = _Counters(QUEUE_COUNTERS, labels)
         for port in ports:
             session = port.session
             for qp, direction in _queue_keys(port):
@@ -255,11 +265,9 @@ class DaemonCollector(Collector):
                     else None
                 )
                 running.add_metric(values, 1 if vring is not None and vring.running else 0)
-                stats = port.stats.queues.get((qp, direction))
-                for family, attr in counters:
-                    family.add_metric(values, getattr(stats, attr) if stats else 0)
+                counters.add(values, port.stats.queues.get((qp, direction)))
         yield running
-        yield from (family for family, _ in counters)
+        yield from counters
 
     def _iotlb(self, ports: list[Port]) -> Iterator[Metric]:
         enabled = GaugeMetricFamily(
@@ -270,10 +278,7 @@ class DaemonCollector(Collector):
         entries = GaugeMetricFamily(
             "vhostd_iotlb_entries", "Entries in the port's device IOTLB.", labels=["port"]
         )
-        counters = [
-            (CounterMetricFamily(name, doc, labels=["port"]), attr)
-            for name, attr, doc in IOTLB_COUNTERS
-        ]
+        counters = _Counters(IOTLB_COUNTERS, ["port"])
         service = HistogramMetricFamily(
             "vhostd_iotlb_miss_service_seconds",
             "Time from an IOTLB MISS sent to the UPDATE that answered it.",
@@ -284,11 +289,10 @@ class DaemonCollector(Collector):
             session = port.session
             enabled.add_metric(name, 1 if session is not None and session.mem.iotlb else 0)
             entries.add_metric(name, iotlb_entries(port))
-            for family, attr in counters:
-                family.add_metric(name, getattr(port.stats.iotlb, attr))
+            counters.add(name, port.stats.iotlb)
             _histogram(service, name, port.stats.iotlb_miss_time)
         yield from (enabled, entries)
-        yield from (family for family, _ in counters)
+        yield from counters
         yield service
 
     def _switch(self) -> Iterator[Metric]:
