@@ -42,6 +42,13 @@ def interrupt(vring: Vring, queue: SplitQueue) -> None:
         q.stats.suppressed += 1
 
 
+def publish(vring: Vring, queue: SplitQueue) -> None:
+    """Make what was put on ``queue`` visible, then interrupt as the driver asked."""
+    queue.publish()
+    if queue.published:
+        interrupt(vring, queue)
+
+
 class RingLoop:
     """What every ring task of one session runs.
 
@@ -125,9 +132,7 @@ class RingLoop:
         try:
             done = rx.flush_backlog()
         finally:
-            rx.queue.publish()
-            if rx.queue.published:
-                interrupt(vring, rx.queue)
+            publish(vring, rx.queue)
         return done > 0 and bool(rx.backlog)
 
     def _source_round(self, filler: SourceRing, vring: Vring) -> bool:
@@ -139,7 +144,5 @@ class RingLoop:
         try:
             done = filler.fill()
         finally:
-            rx.queue.publish()
-            if rx.queue.published:
-                interrupt(vring, rx.queue)
+            publish(vring, rx.queue)
         return done > 0 and not filler.stuck
