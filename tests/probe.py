@@ -12,11 +12,14 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 
 from tests.daemon import port_config, serving
 from tests.vusim.frontend import Frontend
+from vhostd import fastpath
 from vhostd.daemon import Daemon
 from vhostd.port import Port
 from vhostd.session import Session
@@ -92,3 +95,17 @@ async def check_port_works(port: Port, n: int = 8, *, iommu: bool = True) -> Non
         done = await other.send_frames(1, [frame(i) for i in range(n)])
         assert len(done) == n
         assert port.stats.totals("tx").packets == before + n
+
+
+def count_batches(mp: pytest.MonkeyPatch) -> list[int]:
+    """Record how many frames each C ``deliver_batch`` call handles, while ``mp`` lasts."""
+    calls: list[int] = []
+    real = fastpath.FastRxQueue.deliver_batch
+
+    def spy(self: fastpath.FastRxQueue, burst: fastpath.FrameBurst, *args: Any) -> int:
+        done = real(self, burst, *args)
+        calls.append(done)
+        return done
+
+    mp.setattr(fastpath.FastRxQueue, "deliver_batch", spy)
+    return calls

@@ -7,11 +7,9 @@ waits in the backlog until the driver posts more buffers.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from tests.probe import frame, ports
+from tests.probe import count_batches, frame, ports
 from tests.vusim.frontend import Frontend
 from vhostd import fastpath
 
@@ -23,15 +21,7 @@ async def test_reflect_burst_runs_out_of_rx_buffers_and_resumes(
 ) -> None:
     if not fastpath.ENABLED:
         pytest.skip("VHOSTD_FASTPATH=0: the batch path is not in use")
-    batches: list[int] = []
-    real = fastpath.FastRxQueue.deliver_batch
-
-    def spy(self: fastpath.FastRxQueue, burst: fastpath.FrameBurst, *args: Any) -> int:
-        done = real(self, burst, *args)
-        batches.append(done)
-        return done
-
-    monkeypatch.setattr(fastpath.FastRxQueue, "deliver_batch", spy)
+    batches = count_batches(monkeypatch)
     frames = [frame(i, 60 + i) for i in range(40)]
     async with ports("reflect") as (_, (port,)), Frontend.connect(port.config.socket) as fe:
         await fe.net_setup(iommu=iommu)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import trio
 from vhostd._native import ffi
 
 from protocol import VirtioFeature
-from tests.probe import ports, session, until
+from tests.probe import count_batches, ports, session, until
 from tests.vusim.frontend import DEFAULT_NET_FEATURES, Frontend
 from tests.vusim.net import recv_frames
 from tests.vusim.rings import Buffer
@@ -43,16 +42,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 @pytest.fixture
 def batches(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """How many frames each C ``deliver_batch`` call handled."""
-    calls: list[int] = []
-    real = fastpath.FastRxQueue.deliver_batch
-
-    def spy(self: fastpath.FastRxQueue, burst: fastpath.FrameBurst, *args: Any) -> int:
-        done = real(self, burst, *args)
-        calls.append(done)
-        return done
-
-    monkeypatch.setattr(fastpath.FastRxQueue, "deliver_batch", spy)
-    yield calls
+    yield count_batches(monkeypatch)
 
 
 @pytest.fixture

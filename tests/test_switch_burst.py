@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from protocol import VirtioFeature
-from tests.probe import ports, session, until
+from tests.probe import count_batches, ports, session, until
 from tests.vusim import net as vnet
 from tests.vusim.frontend import DEFAULT_NET_FEATURES, Frontend
 from vhostd import fastpath
@@ -141,16 +141,8 @@ async def run_switch(
     batched: bool, guests: list[dict[str, Any]], script: Callable[[Harness], Awaitable[None]]
 ) -> tuple[Outcome, list[int]]:
     """Run ``script`` on one switch port per guest; returns the outcome and the batch sizes."""
-    batches: list[int] = []
-    real = fastpath.FastRxQueue.deliver_batch
-
-    def spy(self: fastpath.FastRxQueue, burst: fastpath.FrameBurst, *args: Any) -> int:
-        done = real(self, burst, *args)
-        batches.append(done)
-        return done
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fastpath.FastRxQueue, "deliver_batch", spy)
+        batches = count_batches(mp)
         async with (
             ports(*["switch"] * len(guests), queue_pairs=2) as (daemon, outs),
             AsyncExitStack() as stack,
