@@ -9,7 +9,6 @@ for tests against QEMU and DPDK; it is stopped with SIGTERM, by PID.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from types import TracebackType
 
 import trio
 
+from tests.lab.process import stop_process
 from vhostd.config import DaemonConfig, PortConfig, PortMode
 from vhostd.daemon import Daemon
 
@@ -97,17 +97,7 @@ class VhostdProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return None if self.proc is None else stop_process(self.proc, timeout)
 
     def __enter__(self) -> VhostdProcess:
         return self

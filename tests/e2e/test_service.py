@@ -30,6 +30,7 @@ from tests.daemon import REPO, VhostdProcess
 from tests.lab.assets import GuestImage, find_busybox
 from tests.lab.fixtures import require_binary
 from tests.lab.netns import Netns
+from tests.lab.process import stop_process
 from tests.lab.qemu import Guest, GuestConfig
 from tests.vusim.frontend import Frontend
 
@@ -190,17 +191,7 @@ class ServiceProcess:
         return self.proc
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return None if self.proc is None else stop_process(self.proc, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
