@@ -14,7 +14,7 @@ import pytest
 from tests.lab.assets import GuestImage
 from tests.lab.dpdk import Testpmd, VhostBackend, VirtioUser
 from tests.lab.netns import Netns, tcp_peer_result
-from tests.lab.qemu import Guest, GuestConfig, Iommu
+from tests.lab.qemu import Guest, GuestConfig, Iommu, tcp_pair
 
 pytestmark = pytest.mark.e2e
 
@@ -27,22 +27,7 @@ def test_two_guests_through_net_vhost_io(
     ports = [VhostBackend(s) for s in socks]
     with Testpmd(ports, lab_logs, forward_mode="io", lcores="0@(0,1),1@1") as pmd:
         pmd.start_forwarding()
-        server = GuestConfig(
-            socket=socks[0],
-            mac="52:54:00:00:00:01",
-            role="tcp-server",
-            ip="10.0.0.1/24",
-            peer="10.0.0.2",
-            params={"timeout": 150},
-        )
-        client = GuestConfig(
-            socket=socks[1],
-            mac="52:54:00:00:00:02",
-            role="tcp-client",
-            ip="10.0.0.2/24",
-            peer="10.0.0.1",
-            params={"timeout": 150, "count": 10, "size": 8 << 20},
-        )
+        server, client = tcp_pair(socks[0], socks[1], size=8 << 20, timeout=150)
         with (
             Guest(guest_image, server, lab_logs, "server") as g0,
             Guest(guest_image, client, lab_logs, "client") as g1,

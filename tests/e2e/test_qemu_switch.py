@@ -8,7 +8,7 @@ import pytest
 
 from tests.e2e.vhostd_status import assert_clean, port, start_vhostd, status
 from tests.lab.assets import GuestImage
-from tests.lab.qemu import Guest, GuestConfig
+from tests.lab.qemu import Guest, tcp_pair
 
 pytestmark = pytest.mark.e2e
 
@@ -20,22 +20,7 @@ def test_two_guests_ping_and_tcp_through_the_switch(
 ) -> None:
     socks = [tmp_sock_dir / "g0.sock", tmp_sock_dir / "g1.sock"]
     control = tmp_sock_dir / "control.sock"
-    server = GuestConfig(
-        socket=socks[0],
-        mac="52:54:00:00:00:01",
-        role="tcp-server",
-        ip="10.0.0.1/24",
-        peer="10.0.0.2",
-        params={"timeout": 150},
-    )
-    client = GuestConfig(
-        socket=socks[1],
-        mac="52:54:00:00:00:02",
-        role="tcp-client",
-        ip="10.0.0.2/24",
-        peer="10.0.0.1",
-        params={"timeout": 150, "count": 10, "size": SIZE},
-    )
+    server, client = tcp_pair(socks[0], socks[1], size=SIZE, timeout=150)
     with (
         start_vhostd(socks, control, lab_logs / "vhostd.log") as vhostd,
         Guest(guest_image, server, lab_logs, "server") as g0,

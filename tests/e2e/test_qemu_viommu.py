@@ -19,7 +19,7 @@ from tests.e2e.vhostd_status import assert_clean, metrics_target, port, start_vh
 from tests.lab.assets import GuestImage
 from tests.lab.fixtures import require_binary
 from tests.lab.prometheus import Prometheus
-from tests.lab.qemu import Guest, GuestConfig, Iommu
+from tests.lab.qemu import Guest, Iommu, tcp_pair
 
 pytestmark = pytest.mark.e2e
 
@@ -33,23 +33,13 @@ def test_strict_and_lazy_viommu_guests_ping_and_tcp(
     require_binary("prometheus", "prometheus")
     socks = {Iommu.STRICT: tmp_sock_dir / "strict.sock", Iommu.LAZY: tmp_sock_dir / "lazy.sock"}
     control = tmp_sock_dir / "control.sock"
-    server = GuestConfig(
-        socket=socks[Iommu.STRICT],
-        mac="52:54:00:00:00:01",
-        role="tcp-server",
-        ip="10.0.0.1/24",
-        peer="10.0.0.2",
-        iommu=Iommu.STRICT,
-        params={"timeout": TIMEOUT},
-    )
-    client = GuestConfig(
-        socket=socks[Iommu.LAZY],
-        mac="52:54:00:00:00:02",
-        role="tcp-client",
-        ip="10.0.0.2/24",
-        peer="10.0.0.1",
-        iommu=Iommu.LAZY,
-        params={"timeout": TIMEOUT, "count": 10, "size": SIZE},
+    server, client = tcp_pair(
+        socks[Iommu.STRICT],
+        socks[Iommu.LAZY],
+        size=SIZE,
+        timeout=TIMEOUT,
+        server_iommu=Iommu.STRICT,
+        client_iommu=Iommu.LAZY,
     )
     metrics = ("--metrics-listen", "127.0.0.1:0")
     with start_vhostd(list(socks.values()), control, lab_logs / "vhostd.log", *metrics) as vhostd:

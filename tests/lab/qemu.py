@@ -76,6 +76,38 @@ class GuestConfig:
     extra_args: tuple[str, ...] = ()  # e.g. ("-trace", "vhost_user_*", "-D", "trace.log")
 
 
+def tcp_pair(
+    server_socket: Path,
+    client_socket: Path,
+    *,
+    size: int,
+    timeout: int,
+    server_iommu: Iommu | None = None,
+    client_iommu: Iommu | None = None,
+) -> tuple[GuestConfig, GuestConfig]:
+    """Two guests on 10.0.0.0/24: a TCP server, and a client that pings it 10 times
+    and then moves ``size`` bytes each way (md5-checked); ``timeout`` bounds each /init."""
+    server = GuestConfig(
+        socket=server_socket,
+        mac="52:54:00:00:00:01",
+        role="tcp-server",
+        ip="10.0.0.1/24",
+        peer="10.0.0.2",
+        iommu=server_iommu,
+        params={"timeout": timeout},
+    )
+    client = GuestConfig(
+        socket=client_socket,
+        mac="52:54:00:00:00:02",
+        role="tcp-client",
+        ip="10.0.0.2/24",
+        peer="10.0.0.1",
+        iommu=client_iommu,
+        params={"timeout": timeout, "count": 10, "size": size},
+    )
+    return server, client
+
+
 @dataclass(slots=True)
 class GuestResult:
     """The markers a guest printed; None where the guest never got that far."""
