@@ -61,6 +61,14 @@ async def nack(fe: Frontend, code: FrontendRequest, payload: object, fds: list[i
     return reply.payload
 
 
+async def ended_cleanly(port: Port, fds: int, errors: dict[str, int] | None = None) -> None:
+    """The connection is gone, counted under ``errors`` (when given), and left no fd behind."""
+    await until(lambda: port.session is None)
+    if errors is not None:
+        assert port.stats.protocol_errors == errors
+    assert open_fds() == fds
+
+
 async def still_serving(fe: Frontend) -> None:
     assert await fe.get_features() != 0
 
@@ -94,9 +102,7 @@ async def test_fatal_framing_closes_the_connection(kind: str) -> None:
                 os.close(r)
                 os.close(w)
             await fe.expect_closed()
-        await until(lambda: port.session is None)
-        assert port.stats.protocol_errors == {kind: 1}
-        assert open_fds() == base
+        await ended_cleanly(port, base, {kind: 1})
         async with Frontend.connect(port.config.socket) as fe:
             await still_serving(fe)
 
@@ -108,9 +114,7 @@ async def test_truncated_message_then_close() -> None:
         async with Frontend.connect(port.config.socket) as fe:
             await negotiated(fe)
             await fe.send_raw(raw(F.SET_FEATURES, 1, b"\0" * 8)[:15])
-        await until(lambda: port.session is None)
-        assert port.stats.protocol_errors == {"truncated": 1}
-        assert open_fds() == base
+        await ended_cleanly(port, base, {"truncated": 1})
         async with Frontend.connect(port.config.socket) as fe:
             await still_serving(fe)
 
@@ -129,9 +133,7 @@ async def test_too_many_fds_closes_and_leaks_nothing() -> None:
                 for fd in fds:
                     os.close(fd)
             await fe.expect_closed()
-        await until(lambda: port.session is None)
-        assert port.stats.protocol_errors == {"bad_fds": 1}
-        assert open_fds() == base
+        await ended_cleanly(port, base, {"bad_fds": 1})
 
 
 SKIPPED = {
@@ -170,8 +172,7 @@ async def test_skipped_message_is_refused_and_reading_goes_on(name: str) -> None
             await still_serving(fe)
             assert port.stats.protocol_errors == {kind: 1}
             assert port.stats.connections == 1
-        await until(lambda: port.session is None)
-        assert open_fds() == base
+        await ended_cleanly(port, base)
 
 
 # -- control plane ---------------------------------------------------------
@@ -237,8 +238,7 @@ async def test_control_plane_bad_inputs_are_refused_one_by_one() -> None:
             # IOTLB_MSG without ACCESS_PLATFORM.
             upd = IotlbMsg(0x1000, 0x1000, r0.uaddr, IotlbPerm.RW, IotlbType.UPDATE)
             await refused("iotlb_not_negotiated", F.IOTLB_MSG, upd)
-        await until(lambda: port.session is None)
-        assert open_fds() == base
+        await ended_cleanly(port, base)
 
 
 @pytest.mark.trio
@@ -301,8 +301,7 @@ async def test_add_mem_reg_beyond_the_slots() -> None:
                 await fe.rem_mem_reg(ram.regions[0])
                 await fe.add_mem_reg(ram.regions[slots])
                 await still_serving(fe)
-        await until(lambda: port.session is None)
-        assert open_fds() == base
+        await ended_cleanly(port, base)
 
 
 @pytest.mark.trio
