@@ -14,9 +14,6 @@ sink cases run long enough to wrap the 16-bit ring index several times.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import REPO, VhostdProcess
+from tests.daemon import VhostdProcess
+from tests.e2e.vhostd_status import status
 from tests.lab.dpdk import PortStats, Testpmd, VirtioUser
 
 pytestmark = pytest.mark.e2e
@@ -33,21 +31,8 @@ MAC = "52:54:00:12:34:56"
 PEER_MAC = "02:00:00:00:00:00"  # testpmd's default destination for port 0
 
 
-def vhostd_status(control: Path) -> dict[str, Any]:
-    """The daemon's JSON snapshot, read the way an operator reads it."""
-    out = subprocess.run(
-        [sys.executable, "-m", "vhostd", "status", "--json", "--control-socket", str(control)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=15,
-        check=True,
-    )
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-
 def port_status(control: Path) -> dict[str, Any]:
-    ports = vhostd_status(control)["ports"]
+    ports = status(control)["ports"]
     assert len(ports) == 1, ports
     return ports[0]  # type: ignore[no-any-return]
 
@@ -76,6 +61,13 @@ class Lab:
         args = ["--socket", str(self.sock), "--mode", mode, "--control-socket", str(self.control)]
         self.vhostd = VhostdProcess([*args, *extra], workdir / "vhostd.log")
 
+    def __enter__(self) -> Lab:
+        self.vhostd.start(wait_for=[self.sock, self.control])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.vhostd.stop()
+
     def testpmd(self, forward_mode: str, **devargs: Any) -> Testpmd:
         return Testpmd(
             [VirtioUser(self.sock, mac=MAC, **devargs)],
@@ -94,17 +86,13 @@ class Lab:
 
 @pytest.fixture
 def sink_lab(tmp_sock_dir: Path, lab_logs: Path, testpmd_binary: str) -> Iterator[Lab]:
-    lab = Lab(lab_logs, tmp_sock_dir, "sink")
-    with lab.vhostd:
-        lab.vhostd.start(wait_for=[lab.sock, lab.control])
+    with Lab(lab_logs, tmp_sock_dir, "sink") as lab:
         yield lab
 
 
 @pytest.fixture
 def reflect_lab(tmp_sock_dir: Path, lab_logs: Path, testpmd_binary: str) -> Iterator[Lab]:
-    lab = Lab(lab_logs, tmp_sock_dir, "reflect")
-    with lab.vhostd:
-        lab.vhostd.start(wait_for=[lab.sock, lab.control])
+    with Lab(lab_logs, tmp_sock_dir, "reflect") as lab:
         yield lab
 
 
@@ -211,21 +199,21 @@ def test_rxonly_receives_what_source_generates(
     tmp_sock_dir: Path, lab_logs: Path, testpmd_binary: str, size: int
 ) -> None:
     """vhostd --mode source fills testpmd's RX ring: the count grows, every frame is ``size``."""
-    lab = Lab(lab_logs, tmp_sock_dir, "source", ["--source-size", str(size)])
-    with lab.vhostd:
-        lab.vhostd.start(wait_for=[lab.sock, lab.control])
-        with lab.testpmd("rxonly") as pmd:
-            pmd.wait_link_up()
-            pmd.start_forwarding()
-            time.sleep(1.0)
-            first = pmd.port_stats()[0]
-            time.sleep(1.0)
-            second = pmd.port_stats()[0]
-            pmd.stop_forwarding()
-            stats = pmd.port_stats()[0]
-            time.sleep(0.2)  # vhostd fills the ring testpmd no longer reads, then stops
-            port = port_status(lab.control)
-            lab.check_healthy(port, pmd)
+    with (
+        Lab(lab_logs, tmp_sock_dir, "source", ["--source-size", str(size)]) as lab,
+        lab.testpmd("rxonly") as pmd,
+    ):
+        pmd.wait_link_up()
+        pmd.start_forwarding()
+        time.sleep(1.0)
+        first = pmd.port_stats()[0]
+        time.sleep(1.0)
+        second = pmd.port_stats()[0]
+        pmd.stop_forwarding()
+        stats = pmd.port_stats()[0]
+        time.sleep(0.2)  # vhostd fills the ring testpmd no longer reads, then stops
+        port = port_status(lab.control)
+        lab.check_healthy(port, pmd)
     assert 0 < first.rx_packets < second.rx_packets <= stats.rx_packets, (first, second)
     assert stats.rx_bytes == stats.rx_packets * size, stats
     assert stats.rx_errors == 0 and stats.tx_packets == 0, stats
