@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from vhostd._native import ffi
 
 from protocol import VirtioFeature
 from tests.probe import count_batches, ports, session, until
@@ -23,6 +22,7 @@ from tests.vusim.net import recv_frames
 from tests.vusim.rings import Buffer
 from tests.vusim.viommu import MissMode
 from vhostd import fastpath, net
+from vhostd.native import ffi
 from vhostd.port import Port
 from vhostd.source import SourceRing, template
 

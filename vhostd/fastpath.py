@@ -22,9 +22,9 @@ from typing import Any
 from protocol.enums import IotlbPerm
 
 from . import net
-from ._native import ffi, lib
 from .guestmem import OutsideMemory
 from .iotlb import IotlbError
+from .native import ffi, lib
 from .net import BURST, Frame, QueueStats, Sink
 from .virtqueue import QueueError, QueueFault, SplitQueue
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from protocol.enums import IotlbPerm
 
-from ._native import ffi
 from .iotlb import IoTlb, IotlbDenied, IotlbDiscontiguous, IotlbMiss
 from .memory import AddressFault, MappedRegion, MemoryTable
+from .native import ffi
 
 __all__ = ["AccessError", "GuestMemory", "IotlbDenied", "IotlbMiss", "OutsideMemory"]
 

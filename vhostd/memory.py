@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from protocol.payloads import MemoryRegion
 
-from ._native import ffi, lib
+from .native import ffi, lib
 
 U64_END = 1 << 64
 

@@ -100,8 +100,8 @@ class SourceRing:
 
 def _template_burst(frame: bytes) -> tuple[FrameBurst, Any]:
     """BURST entries pointing at one C copy of ``frame``: no allocation per packet."""
-    from ._native import ffi
     from .fastpath import FrameBurst
+    from .native import ffi
 
     data = ffi.new("uint8_t[]", frame)
     frames = ffi.new("struct vhostd_frame[]", BURST)

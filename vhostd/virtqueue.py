@@ -19,8 +19,8 @@ from enum import StrEnum
 
 from protocol.enums import IotlbPerm
 
-from ._native import lib
 from .guestmem import GuestMemory, OutsideMemory
+from .native import lib
 
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")

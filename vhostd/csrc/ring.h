@@ -1,0 +1,77 @@
+/* The split ring walk (virtqueue.py's SplitQueue, check for check).
+ *
+ * Every guest access of a walk goes through the translation cache; ring
+ * pointers are local addresses Python took from GuestMemory.ring.
+ */
+#ifndef VHOSTD_RING_H
+#define VHOSTD_RING_H
+
+#include <string.h>
+
+#include "tcache.h"
+
+/* Fault codes, in QueueFault order (fastpath._FAULTS). */
+enum { F_HEAD_RANGE = 1, F_NEXT_RANGE, F_LOOP, F_AVAIL_JUMP, F_INDIRECT_LEN,
+       F_INDIRECT_NESTED, F_INDIRECT_NEXT, F_INDIRECT_OFF, F_DIRECTION, F_TOO_LONG };
+
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define MAX_QUEUE_SIZE 32768
+
+struct vhostd_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
+
+static inline int vhostd_fault(struct vhostd_vq *q, uint32_t kind, uint64_t head,
+                               uint64_t value, uint64_t limit)
+{
+    q->fault = kind;
+    q->f_head = head;
+    q->f_value = value;
+    q->f_limit = limit;
+    return VHOSTD_FAULT;
+}
+
+static inline int vhostd_need(struct vhostd_vq *q, uint64_t addr, uint32_t perm)
+{
+    q->need_addr = addr;
+    q->need_perm = perm;
+    return VHOSTD_NEED;
+}
+
+/* How many chains the driver made available that we have not taken. */
+static inline int vhostd_avail_count(struct vhostd_vq *q, uint32_t *n)
+{
+    uint16_t idx = __atomic_load_n((uint16_t *)(void *)(q->avail + 2), __ATOMIC_ACQUIRE);
+    uint32_t k = (uint16_t)(idx - q->last_avail);
+    if (k > q->size)
+        return vhostd_fault(q, F_AVAIL_JUMP, q->last_avail, k, q->size);
+    *n = k;
+    return VHOSTD_DONE;
+}
+
+/* The head descriptor of the nth not-yet-taken available chain. */
+static inline int vhostd_head_at(struct vhostd_vq *q, uint32_t nth, uint32_t *head)
+{
+    uint16_t h;
+    uint32_t slot = (uint32_t)(uint16_t)(q->last_avail + nth) % q->size;
+    memcpy(&h, q->avail + 4 + 2 * (size_t)slot, 2);
+    if (h >= q->size)
+        return vhostd_fault(q, F_HEAD_RANGE, h, h, q->size);
+    *head = h;
+    return VHOSTD_DONE;
+}
+
+/* Return a chain as used, without publishing the index. */
+static inline void vhostd_put(struct vhostd_vq *q, uint32_t head, uint32_t written)
+{
+    uint32_t elem[2] = {head, written};
+    memcpy(q->used + 4 + 8 * (size_t)(q->last_used % q->size), elem, 8);
+    q->last_used++;
+    q->last_avail++;
+}
+
+/* Append the pieces of the chain at head to q->pieces from *np on. */
+int vhostd_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int writable,
+                uint32_t *np, uint64_t *total_out, uint32_t *first_len);
+
+#endif

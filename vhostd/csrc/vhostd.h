@@ -1,0 +1,87 @@
+/* What Python may call: the data-path entry points of vhostd's C core.
+ *
+ * Built by cffi (vhostd/_native_build.py) from the .c files beside this
+ * header; the same sources build the sanitizer variant and the fuzz target.
+ * The part between the cffi markers is also the cffi declaration, so it
+ * holds only declarations cffi can parse: no macros, no includes.
+ */
+#ifndef VHOSTD_H
+#define VHOSTD_H
+
+#include <stdint.h>
+
+/* cffi:begin */
+
+/* Return codes of the burst functions. */
+enum vhostd_rc {
+    VHOSTD_DONE = 0,     /* finished what was asked */
+    VHOSTD_NEED = 1,     /* need_addr/need_perm not in the cache; nothing of that chain taken */
+    VHOSTD_FAULT = 2,    /* the driver broke the ring: fault, f_head, f_value, f_limit */
+    VHOSTD_SLOW = 3,     /* let the Python reference take the next chain */
+    VHOSTD_FULL = 4,     /* TX collect: scratch or frame slots used up; call again */
+    VHOSTD_NOBUF = 5,    /* RX: no (or not enough) buffers; nothing taken */
+    VHOSTD_DROPPED = 6,  /* RX: frame dropped (chain too small); nothing taken */
+    VHOSTD_OTHER = 7     /* RX batch: the next frame hashes to another RX queue */
+};
+
+enum { VHOSTD_TC_SLOTS = 32 };
+
+/* A piece of a descriptor chain in local memory. */
+struct vhostd_piece { uint8_t *ptr; uint32_t len; };
+/* A frame handed between Python and C. */
+struct vhostd_frame { uint8_t *ptr; uint32_t len; };
+/* One chain of an RX delivery (merged buffers) or of a TX burst not yet used. */
+struct vhostd_head { uint32_t id; uint32_t got; };
+
+/* One split ring for the duration of a call: Python owns the indices and
+   copies them in and out around every call. */
+struct vhostd_vq {
+    uint8_t *desc;
+    uint8_t *avail;
+    uint8_t *used;
+    uint32_t size;
+    uint32_t indirect;
+    uint64_t max_chain_bytes;
+    uint16_t last_avail;
+    uint16_t last_used;
+    uint32_t fault;
+    uint64_t f_head;
+    uint64_t f_value;
+    uint64_t f_limit;
+    uint64_t need_addr;
+    uint32_t need_perm;
+    uint64_t packets;
+    uint64_t bytes;
+    uint64_t dropped;
+    uint64_t bad_header;
+    struct vhostd_piece *pieces;
+    uint32_t max_pieces;
+    struct vhostd_head *heads;
+    uint32_t max_heads;
+    uint8_t *scratch;
+    uint64_t scratch_len;
+};
+
+/* The translation cache: ranges GuestMemory.extent returned (tcache.h). */
+struct vhostd_tcache;
+
+void vhostd_fence(void);
+void vhostd_tc_clear(struct vhostd_tcache *c);
+void vhostd_tc_insert(struct vhostd_tcache *c, uint64_t addr, uint64_t start,
+                      uint64_t last, uint64_t host, uint32_t perm);
+void vhostd_publish(struct vhostd_vq *q);
+int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t limit,
+                    uint32_t hdr_len, uint32_t max_frame, int collect,
+                    struct vhostd_frame *frames, uint32_t *nframes, uint32_t *done);
+int vhostd_rx_deliver(struct vhostd_vq *q, struct vhostd_tcache *c,
+                      const uint8_t *frame, uint32_t flen, int mergeable,
+                      uint32_t hdr_len, const uint8_t *hdr);
+int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
+                            const struct vhostd_frame *frames, uint32_t n, int mergeable,
+                            uint32_t hdr_len, const uint8_t *hdr, int swap,
+                            uint32_t nsel, uint32_t want, uint32_t *done);
+uint32_t vhostd_mac_run(const struct vhostd_frame *frames, uint32_t start, uint32_t n);
+
+/* cffi:end */
+
+#endif
