@@ -102,8 +102,10 @@ def count_batches(mp: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = fastpath.FastRxQueue.deliver_batch
 
-    def spy(self: fastpath.FastRxQueue, burst: fastpath.FrameBurst, *args: Any) -> int:
-        done = real(self, burst, *args)
+    def spy(
+        self: fastpath.FastRxQueue, burst: fastpath.FrameBurst, *args: Any, **kwargs: Any
+    ) -> int:
+        done = real(self, burst, *args, **kwargs)
         calls.append(done)
         return done
 

@@ -220,7 +220,7 @@ def test_one_template_burst_per_ring() -> None:
     """The C batch's BURST entries all point at one copy of the template."""
 
     class FastLike:
-        def deliver_batch(self, *args: object) -> int:
+        def deliver_batch(self, *args: object, **kwargs: object) -> int:
             return 0
 
     ring = SourceRing(template(64), FastLike())  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from .guestmem import OutsideMemory
 from .iotlb import IotlbError
 from .native import ffi, lib
 from .net import BURST, Frame, QueueStats, Sink
-from .virtqueue import QueueError, QueueFault, SplitQueue
+from .virtqueue import QueueError, QueueFault, SplitQueue, local_address
 
 __all__ = ["ENABLED", "FastRxQueue", "FastTxQueue", "FrameBurst", "RxQueue", "TxQueue"]
 
@@ -61,18 +61,8 @@ _FAULTS = (
     QueueFault.INDIRECT_OFF,
     QueueFault.DIRECTION,
     QueueFault.TOO_LONG,
+    QueueFault.RX_SMALL,
 )
-
-
-def _address(view: memoryview) -> int:
-    """Where ``view`` starts in this process.
-
-    The export ``from_buffer`` takes is given back at once: a memoryview
-    still exported when the garbage collector clears it in a cycle crashes
-    CPython (3.11) in its later deallocation, and ring views sit in cycles.
-    """
-    with ffi.from_buffer("uint8_t[]", view) as ptr:
-        return int(ffi.cast("uintptr_t", ptr))
 
 
 class _Ring:
@@ -107,7 +97,7 @@ class _Ring:
             self._keep = ()
             if gen is not None:
                 keep = (q._desc, q._avail, q._used)  # the region lives as long as its views
-                vq.desc, vq.avail, vq.used = (ffi.cast("uint8_t *", _address(v)) for v in keep)
+                vq.desc, vq.avail, vq.used = (ffi.cast("uint8_t *", local_address(v)) for v in keep)
                 self._keep = keep
             self._gen = gen
 
@@ -145,6 +135,9 @@ class _Ring:
                 f"head {head}: {'read-only' if value else 'writable'} descriptor"
             ),
             QueueFault.TOO_LONG: f"head {head}: over {value} bytes",
+            QueueFault.RX_SMALL: (
+                f"head {head}: buffer of {value} bytes cannot hold the {limit}-byte header"
+            ),
         }[fault]
         return QueueError(fault, detail)
 
@@ -250,38 +243,37 @@ class FastTxQueue(net.TxQueue):
         stalls = 0
         try:
             while done < limit:
+                chunk = min(limit - done, MAX_BURST)
                 vq.last_avail, vq.last_used = q.last_avail, q.last_used
                 rc = lib.vhostd_tx_burst(
-                    vq,
-                    cache,
-                    min(limit - done, MAX_BURST),
-                    hdr_len,
-                    max_frame,
-                    collect,
-                    frames,
-                    nframes,
-                    done_p,
+                    vq, cache, chunk, hdr_len, max_frame, collect, frames, nframes, done_p
                 )
-                q.last_avail, q.last_used = vq.last_avail, vq.last_used
                 took = done_p[0]
-                done += took
                 if vq.packets or vq.dropped:
                     stats.packets += vq.packets
                     stats.bytes += vq.bytes
                     stats.dropped += vq.dropped
                     stats.bad_header += vq.bad_header
                     vq.packets = vq.bytes = vq.dropped = vq.bad_header = 0
-                n = nframes[0]
-                if n and batch is not None:
-                    batch(FrameBurst(frames, n))
-                elif n:
-                    assert sink is not None
-                    buffer = ffi.buffer
-                    for i in range(n):
-                        f = frames[i]
-                        sink(memoryview(buffer(f.ptr, f.len)))
+                try:
+                    n = nframes[0]
+                    if n and batch is not None:
+                        batch(FrameBurst(frames, n))
+                    elif n:
+                        assert sink is not None
+                        buffer = ffi.buffer
+                        for i in range(n):
+                            f = frames[i]
+                            sink(memoryview(buffer(f.ptr, f.len)))
+                finally:
+                    # The frames are out: now their chains go back (as the reference does).
+                    lib.vhostd_tx_complete(vq, took)
+                    q.last_avail, q.last_used = vq.last_avail, vq.last_used
+                    done += took
                 if rc == DONE:
-                    break
+                    if took < chunk:
+                        break  # the ring is empty
+                    continue
                 if took:
                     stalls = 0
                 if rc == FULL:
@@ -371,11 +363,13 @@ class FastRxQueue(net.RxQueue):
         nsel: int = 1,
         want: int = 0,
         end: int | None = None,
+        stop_on_drop: bool = False,
     ) -> int:
         """``deliver`` frames of ``burst`` from ``start`` on, in order (MACs swapped if ``swap``).
 
         Only frames before ``end`` (all when None): the switch ends a batch
-        where the destination changes.
+        where the destination changes. ``stop_on_drop`` ends it after the
+        first frame dropped for want of room (a source port's template).
 
         Stops before the first frame that is neither delivered nor dropped
         (no buffer, a translation the door must be asked for and refuses,
@@ -411,6 +405,7 @@ class FastRxQueue(net.RxQueue):
                 swap,
                 nsel,
                 want,
+                stop_on_drop,
                 done_p,
             )
             q.last_avail, q.last_used = vq.last_avail, vq.last_used

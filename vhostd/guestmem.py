@@ -44,17 +44,34 @@ class GuestMemory:
     checked again on the next call.
     """
 
-    __slots__ = ("iotlb", "table")
+    __slots__ = ("_iotlb", "_spaces", "table")
 
     def __init__(self, table: MemoryTable, iotlb: IoTlb | None = None) -> None:
         self.table = table
-        self.iotlb = iotlb
+        self._iotlb = iotlb
+        self._spaces = 0
 
     @property
-    def generation(self) -> tuple[int, int]:
+    def iotlb(self) -> IoTlb | None:
+        return self._iotlb
+
+    @iotlb.setter
+    def iotlb(self, iotlb: IoTlb | None) -> None:
+        # A new address space (ACCESS_PLATFORM switched, or another IOTLB):
+        # nothing translated in the old one may be used again.
+        if iotlb is not self._iotlb:
+            self._iotlb = iotlb
+            self._spaces += 1
+
+    @property
+    def generation(self) -> tuple[int, int, int]:
         """Changes whenever a view obtained earlier may have become stale."""
-        iotlb = self.iotlb
-        return (self.table.generation, iotlb.generation if iotlb is not None else 0)
+        iotlb = self._iotlb
+        return (
+            self.table.generation,
+            iotlb.generation if iotlb is not None else 0,
+            self._spaces,
+        )
 
     def buffer(self, addr: int, size: int, perm: IotlbPerm) -> memoryview:
         """A descriptor's buffer as one contiguous view.
@@ -65,7 +82,7 @@ class GuestMemory:
         too; callers that can gather use :meth:`buffer_segments`.
         """
         try:
-            iotlb = self.iotlb
+            iotlb = self._iotlb
             if iotlb is None:
                 return self.table.gpa_view(addr, size)
             return self.table.uaddr_view(iotlb.translate(addr, size, perm), size)
@@ -79,7 +96,7 @@ class GuestMemory:
         except OutsideMemory:
             pass
         out: list[memoryview] = []
-        iotlb, table = self.iotlb, self.table
+        iotlb, table = self._iotlb, self.table
         try:
             if iotlb is None:
                 while size:
@@ -112,7 +129,7 @@ class GuestMemory:
         ring address space (front-end virtual without the IOTLB). Raises what
         :meth:`buffer` raises for the byte at ``addr``.
         """
-        iotlb, table = self.iotlb, self.table
+        iotlb, table = self._iotlb, self.table
         if iotlb is None:
             region = _region_holding(table, addr, uaddr=ring)
             base = region.uaddr if ring else region.gpa
@@ -138,7 +155,7 @@ class GuestMemory:
     def ring(self, addr: int, size: int, perm: IotlbPerm) -> memoryview:
         """A ring (desc, avail or used) as one contiguous view."""
         try:
-            iotlb = self.iotlb
+            iotlb = self._iotlb
             if iotlb is None:
                 return self.table.uaddr_view(addr, size)
             return self.table.uaddr_view(iotlb.translate(addr, size, perm), size)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from protocol.enums import VirtioFeature as VF
 
-from .virtqueue import SplitQueue
+from .virtqueue import QueueError, QueueFault, SplitQueue
 
 ETH_HLEN = 14
 MIN_FRAME = ETH_HLEN
@@ -113,21 +113,26 @@ class TxQueue:
     def burst(self, sink: Sink | None, limit: int = BURST) -> int:
         """Move up to ``limit`` frames; returns how many chains were taken.
 
-        ``sink`` None discards (a started but disabled ring). An IotlbMiss
-        propagates after the chains already taken are published, so the
-        burst resumes exactly where it stopped.
+        Every chain of the burst is walked and checked first, then the frames
+        go to ``sink``, then the chains are returned as used: a frame is read
+        before its chain is handed back, and what the sink writes to guest
+        memory (a reflect port delivers into the same guest) cannot change
+        how a later chain of the burst is judged. ``sink`` None discards (a
+        started but disabled ring). An IotlbMiss or QueueError propagates
+        after the chains walked so far went through those steps, so the burst
+        resumes exactly where it stopped.
         """
         q = self.queue
         q.refresh()
         n = min(q.available(), limit)
         stats = self.stats
         hdr_len = self.hdr_len
-        views: list[memoryview] = []
-        done = 0
+        frames: list[memoryview] = []
+        heads: list[int] = []
         try:
-            while done < n:
-                head = q.head()
-                views.clear()
+            while len(heads) < n:
+                head = q.head(len(heads))
+                views: list[memoryview] = []
                 total = q.walk(head, False, views)
                 size = total - hdr_len
                 if size < MIN_FRAME or size > self.max_frame:
@@ -139,14 +144,19 @@ class TxQueue:
                     stats.packets += 1
                     stats.bytes += size
                     if sink is not None:
-                        sink(_gather(views, hdr_len))
-                q.put(head, 0)
-                done += 1
+                        frames.append(_gather(views, hdr_len))
+                heads.append(head)
         finally:
-            if done:
-                q.publish()
-                stats.bursts += 1
-        return done
+            if heads:
+                try:
+                    for frame in frames:
+                        sink(frame)  # type: ignore[misc]
+                finally:
+                    for head in heads:
+                        q.put(head, 0)
+                    q.publish()
+                    stats.bursts += 1
+        return len(heads)
 
     def _header_ok(self, views: list[memoryview]) -> bool:
         # Without CSUM or GSO offered, the only valid header is the empty one.
@@ -164,7 +174,16 @@ class RxQueue:
     answers; past the bound they are dropped and counted.
     """
 
-    __slots__ = ("backlog", "backlog_limit", "hdr", "hdr_len", "mergeable", "queue", "stats")
+    __slots__ = (
+        "backlog",
+        "backlog_limit",
+        "hdr",
+        "hdr_len",
+        "mergeable",
+        "queue",
+        "stalled_at",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -182,6 +201,7 @@ class RxQueue:
         self.stats = stats if stats is not None else QueueStats()
         self.backlog: deque[bytes] = deque()
         self.backlog_limit = backlog_limit
+        self.stalled_at = 0
 
     def enqueue(self, frame: Frame) -> None:
         """Keep a copy of ``frame`` for later delivery, or drop it if full."""
@@ -204,6 +224,7 @@ class RxQueue:
                 return False
             head = q.head()
             room = q.walk(head, True, views)
+            self._check_room(head, room)
             if room < need:
                 self.stats.dropped += 1
                 return True
@@ -220,6 +241,7 @@ class RxQueue:
                 head = q.head(len(heads))
                 start = len(views)
                 got = q.walk(head, True, views)
+                self._check_room(head, got)
                 heads.append((head, got, start))
                 room += got
             hdr = self.hdr
@@ -235,14 +257,34 @@ class RxQueue:
         self.stats.bytes += len(frame)
         return True
 
+    def _check_room(self, head: int, room: int) -> None:
+        # A buffer that cannot take the header can never take a frame: a
+        # driver posting those would have the device retry it forever.
+        if room < self.hdr_len:
+            raise QueueError(
+                QueueFault.RX_SMALL,
+                f"head {head}: buffer of {room} bytes cannot hold the {self.hdr_len}-byte header",
+            )
+
     def flush_backlog(self) -> int:
-        """Deliver waiting frames in order until the ring is full; returns count."""
+        """Deliver waiting frames in order until the ring is full; returns count.
+
+        When the ring has too few buffers for the next frame, ``stalled_at``
+        keeps the avail index those buffers were counted at: the ring task
+        then sleeps until the driver posts past it, instead of retrying what
+        it already saw.
+        """
         backlog = self.backlog
         if not backlog:
             return 0
-        self.queue.refresh()
+        q = self.queue
+        q.refresh()
         done = 0
-        while backlog and self.deliver(backlog[0]):
+        while backlog:
+            seen = q.avail_idx()
+            if not self.deliver(backlog[0]):
+                self.stalled_at = seen
+                break
             backlog.popleft()
             done += 1
         return done

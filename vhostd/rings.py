@@ -84,12 +84,21 @@ class RingLoop:
             if busy:
                 await trio.lowlevel.checkpoint()
                 continue
-            more = await self._translated(vring, queue.want_kicks)
+            rx = vring.rx
+            if rx is not None and rx.backlog and filler is None:
+                more = await self._translated(
+                    vring, functools.partial(queue.want_kicks, rx.stalled_at)
+                )
+            else:
+                more = await self._translated(vring, queue.want_kicks)
             if more and (
                 vring.tx is not None
-                or (vring.rx is not None and vring.rx.backlog)
+                or (rx is not None and rx.backlog)
                 or (filler is not None and vring.enabled and not filler.stuck)
             ):
+                # Chains came while we were arming kicks: go on, but never
+                # without letting the other tasks run.
+                await trio.lowlevel.checkpoint()
                 continue
             await trio.lowlevel.wait_readable(kick)
             drain(kick)

@@ -84,7 +84,7 @@ class SourceRing:
         while done < BURST:
             if batch is not None:
                 # Every entry is the template: starting at ``done`` delivers at most the rest.
-                done += batch(burst, False, done)
+                done += batch(burst, False, done, stop_on_drop=True)
                 if done >= BURST or stats.dropped != dropped:
                     break
             # The frame the batch stopped at (or every frame without C): decided

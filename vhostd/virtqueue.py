@@ -20,7 +20,7 @@ from enum import StrEnum
 from protocol.enums import IotlbPerm
 
 from .guestmem import GuestMemory, OutsideMemory
-from .native import lib
+from .native import ffi, lib
 
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
@@ -52,9 +52,11 @@ class QueueFault(StrEnum):
     INDIRECT_OFF = "indirect_not_negotiated"
     DIRECTION = "wrong_descriptor_direction"
     TOO_LONG = "chain_too_long"
+    RX_SMALL = "rx_buffer_too_small"
     UNMAPPED = "address_unmapped"
     DENIED = "access_denied"
     RING_UNMAPPED = "ring_unmapped"
+    RING_MISALIGNED = "ring_misaligned"
 
 
 class QueueError(Exception):
@@ -63,6 +65,17 @@ class QueueError(Exception):
     def __init__(self, fault: QueueFault, detail: str) -> None:
         super().__init__(f"{fault.value}: {detail}")
         self.fault = fault
+
+
+def local_address(view: memoryview) -> int:
+    """Where ``view`` starts in this process.
+
+    The export ``from_buffer`` takes is given back at once: a memoryview
+    still exported when the garbage collector clears it in a cycle crashes
+    CPython (3.11) in its later deallocation, and ring views sit in cycles.
+    """
+    with ffi.from_buffer("uint8_t[]", view) as ptr:
+        return int(ffi.cast("uintptr_t", ptr))
 
 
 def ring_sizes(size: int, event_idx: bool) -> tuple[int, int, int]:
@@ -122,7 +135,7 @@ class SplitQueue:
         self.last_used = base & 0xFFFF
         self.signalled_used = 0
         self.signalled_valid = False
-        self._gen: tuple[int, int] | None = None
+        self._gen: tuple[int, int, int] | None = None
         self._desc = self._avail = self._used = self._used16 = memoryview(b"")
 
     # -- rings -------------------------------------------------------------
@@ -145,6 +158,18 @@ class SplitQueue:
             used = self.mem.ring(self.used_addr, usize, WRITE)
         except OutsideMemory as exc:
             raise QueueError(QueueFault.RING_UNMAPPED, str(exc)) from None
+        for name, addr, view, align in (
+            ("descriptor table", self.desc_addr, desc, 16),
+            ("avail ring", self.avail_addr, avail, 2),
+            ("used ring", self.used_addr, used, 4),
+        ):
+            # The driver's address, and where it landed here: index updates are
+            # atomic stores, which need natural alignment.
+            if addr % align or local_address(view) % align:
+                raise QueueError(
+                    QueueFault.RING_MISALIGNED,
+                    f"{name} at {addr:#x} is not {align}-byte aligned",
+                )
         self._desc, self._avail, self._used = desc, avail, used
         self._used16 = used.cast("H")
         self._gen = gen
@@ -169,6 +194,11 @@ class SplitQueue:
         return used
 
     # -- the driver's side -------------------------------------------------
+
+    def avail_idx(self) -> int:
+        """The driver's avail index as it is now."""
+        idx: int = U16.unpack_from(self._avail, 2)[0]
+        return idx
 
     def available(self) -> int:
         """How many chains the driver has made available and we have not taken."""
@@ -292,15 +322,22 @@ class SplitQueue:
         flags: int = U16.unpack_from(self._avail, 0)[0]
         return not flags & AVAIL_F_NO_INTERRUPT
 
-    def want_kicks(self) -> bool:
-        """Ask the driver to kick on new chains; True if some came meanwhile."""
+    def want_kicks(self, seen: int | None = None) -> bool:
+        """Ask the driver to kick on new chains; True if some came meanwhile.
+
+        ``seen``: the avail index at which the chains there were found too
+        few (an RX frame needs more buffers): ask for a kick on the next
+        chain after those, and report only chains posted since.
+        """
         self.refresh()
+        mark = self.last_avail if seen is None else seen
         if self.event_idx:
-            self._used16[2 + 4 * self.size] = self.last_avail
+            self._used16[2 + 4 * self.size] = mark
         else:
             self._used16[0] = 0
         fence()
-        return self.available() != 0
+        n = self.available()
+        return n != 0 if seen is None else self.avail_idx() != seen
 
     def suppress_kicks(self) -> None:
         """While we are busy polling, kicks only cost the driver a syscall."""

@@ -3,6 +3,10 @@
 
 #define MIN_FRAME 14
 
+/* TxQueue.burst's walk: take up to limit chains, collect their frames (or only
+   count them) and record their heads in q->heads without returning them:
+   the caller hands the frames on, then calls vhostd_tx_complete, so a frame
+   is read before its chain goes back to the driver. */
 int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t limit,
                     uint32_t hdr_len, uint32_t max_frame, int collect,
                     struct vhostd_frame *frames, uint32_t *nframes, uint32_t *done_out)
@@ -14,11 +18,13 @@ int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t limit
         goto out;
     if (n > limit)
         n = limit;
+    if (n > q->max_heads)
+        n = q->max_heads;
     while (done < n) {
         uint32_t head, np = 0, first_len;
         uint64_t total;
         int64_t size;
-        if ((rc = vhostd_head_at(q, 0, &head)))
+        if ((rc = vhostd_head_at(q, done, &head)))
             break;
         if ((rc = vhostd_walk(q, c, head, 0, &np, &total, &first_len)))
             break;
@@ -72,13 +78,23 @@ int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t limit
                 q->bytes += (uint64_t)size;
             }
         }
-        vhostd_put(q, head, 0);
+        q->heads[done].id = head;
         done++;
     }
 out:
     *done_out = done;
     *nframes = nf;
     return rc;
+}
+
+/* Return the n chains the last vhostd_tx_burst took, in order, as used. */
+void vhostd_tx_complete(struct vhostd_vq *q, uint32_t n)
+{
+    uint32_t k;
+    if (n > q->max_heads)
+        n = q->max_heads;
+    for (k = 0; k < n; k++)
+        vhostd_put(q, q->heads[k].id, 0);
 }
 
 /* Copy data into pieces starting offset bytes into them (RxQueue's _scatter). */
@@ -118,6 +134,8 @@ int vhostd_rx_deliver(struct vhostd_vq *q, struct vhostd_tcache *c,
             return rc;
         if ((rc = vhostd_walk(q, c, head, 1, &np, &total, &first_len)))
             return rc;
+        if (total < hdr_len)
+            return vhostd_fault(q, F_RX_SMALL, head, total, hdr_len);
         if (total < need_bytes)
             return VHOSTD_DROPPED;
         scatter(q->pieces, np, 0, hdr, hdr_len);
@@ -134,6 +152,8 @@ int vhostd_rx_deliver(struct vhostd_vq *q, struct vhostd_tcache *c,
             return rc;
         if ((rc = vhostd_walk(q, c, head, 1, &np, &total, &first_len)))
             return rc;
+        if (total < hdr_len)
+            return vhostd_fault(q, F_RX_SMALL, head, total, hdr_len);
         q->heads[nheads].id = head;
         q->heads[nheads].got = (uint32_t)total;  /* <= 4 GiB: max_chain_bytes bounds it */
         nheads++;
@@ -164,13 +184,15 @@ int vhostd_rx_deliver(struct vhostd_vq *q, struct vhostd_tcache *c,
    that is neither delivered nor dropped (its rc is returned, *done frames were
    handled and counted in packets/bytes/dropped). With nsel > 1 RX queues, it
    also stops before a frame that Session.send would hash to another queue than
-   want. Each frame is first copied to q->scratch, MACs swapped if asked (what
+   want, and with stop_on_drop after the first frame dropped (a source port's
+   template does not fit the buffer: every later copy would not either).
+   Each frame is first copied to q->scratch, MACs swapped if asked (what
    Port._reflect's bytearray does): the source may be guest memory that this
    very delivery overwrites. */
 int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
                             const struct vhostd_frame *frames, uint32_t n, int mergeable,
                             uint32_t hdr_len, const uint8_t *hdr, int swap,
-                            uint32_t nsel, uint32_t want, uint32_t *done)
+                            uint32_t nsel, uint32_t want, int stop_on_drop, uint32_t *done)
 {
     uint32_t k;
     int rc = VHOSTD_DONE;
@@ -199,6 +221,10 @@ int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
         } else if (rc == VHOSTD_DROPPED) {
             q->dropped++;
             rc = VHOSTD_DONE;
+            if (stop_on_drop) {
+                k++;
+                break;
+            }
         } else {
             break;
         }

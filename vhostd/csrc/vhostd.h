@@ -73,13 +73,14 @@ void vhostd_publish(struct vhostd_vq *q);
 int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t limit,
                     uint32_t hdr_len, uint32_t max_frame, int collect,
                     struct vhostd_frame *frames, uint32_t *nframes, uint32_t *done);
+void vhostd_tx_complete(struct vhostd_vq *q, uint32_t n);
 int vhostd_rx_deliver(struct vhostd_vq *q, struct vhostd_tcache *c,
                       const uint8_t *frame, uint32_t flen, int mergeable,
                       uint32_t hdr_len, const uint8_t *hdr);
 int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
                             const struct vhostd_frame *frames, uint32_t n, int mergeable,
                             uint32_t hdr_len, const uint8_t *hdr, int swap,
-                            uint32_t nsel, uint32_t want, uint32_t *done);
+                            uint32_t nsel, uint32_t want, int stop_on_drop, uint32_t *done);
 uint32_t vhostd_mac_run(const struct vhostd_frame *frames, uint32_t start, uint32_t n);
 
 /* cffi:end */
