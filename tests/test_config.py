@@ -23,6 +23,7 @@ from vhostd.config import (
     parse_config,
     parse_listen,
 )
+from vhostd.iotlb import DEFAULT_CAPACITY
 from vhostd.reload import diff_for_reload
 from vhostd.tomlpos import KeyLines
 
@@ -289,6 +290,41 @@ BROKEN = [
         id="inline-table-falls-back-to-its-key",
     ),
     pytest.param(
+        '[[port]]\nsocket = "/run/a.sock"\n\niotlb_entries = 15\n',
+        4,
+        "port[0].iotlb_entries",
+        "must be between 16 and 1048576, not 15",
+        id="iotlb-entries-too-few",
+    ),
+    pytest.param(
+        '[[port]]\nsocket = "/run/a.sock"\niotlb_entries = 1048577\n',
+        3,
+        "port[0].iotlb_entries",
+        "must be between 16 and 1048576, not 1048577",
+        id="iotlb-entries-too-many",
+    ),
+    pytest.param(
+        '[[port]]\nsocket = "/run/a.sock"\niotlb_entries = 4096.0\n',
+        3,
+        "port[0].iotlb_entries",
+        "must be an integer, not a float",
+        id="iotlb-entries-float",
+    ),
+    pytest.param(
+        '[[port]]\nsocket = "/run/a.sock"\niommu = false\niotlb_entries = 2048\n',
+        4,
+        "port[0].iotlb_entries",
+        "only applies with iommu = true",
+        id="iotlb-entries-without-iommu",
+    ),
+    pytest.param(
+        '[[port]]\nsocket = "/run/a.sock"\niotlb_entry = 2048\n',
+        3,
+        "port[0].iotlb_entry",
+        "unknown key 'iotlb_entry'; did you mean 'iotlb_entries'?",
+        id="iotlb-entries-misspelt",
+    ),
+    pytest.param(
         '[[port]]\nsocket = "/run/a.sock"\nmode = "source"\nsource_frame_size = 59\n',
         4,
         "port[0].source_frame_size",
@@ -415,6 +451,7 @@ def test_full_config_round_trip() -> None:
                 reconnect_seconds=0.5,
                 features=FeatureConfig(mq=False),
                 queue_pairs=1,
+                iotlb_entries=16,
             ),
         ),
         taps=(TapConfig(name="vhostd0", mtu=9000), TapConfig(name="t1")),
@@ -461,6 +498,22 @@ def test_source_port() -> None:
     ]
     assert parse_config(format_config(config)) == config
     assert "source_frame_size" not in format_config(parse_config(GOOD))  # source ports only
+
+
+def test_iotlb_entries() -> None:
+    config = parse_config(
+        '[[port]]\nsocket = "/run/a.sock"\n'
+        '[[port]]\nsocket = "/run/b.sock"\niotlb_entries = 16\n'
+        '[[port]]\nsocket = "/run/c.sock"\niotlb_entries = 1048576\n'
+        '[[port]]\nsocket = "/run/d.sock"\niommu = false\n'
+    )
+    default = DEFAULT_CAPACITY
+    assert [p.iotlb_entries for p in config.ports] == [default, 16, 1 << 20, default]
+    text = format_config(config)
+    assert parse_config(text) == config
+    assert text.count("iotlb_entries") == 3  # not on the port without an IOTLB
+    # Kept through the command line's overlay (and so through a reload).
+    assert config_from_args(config, mode="sink").ports[1].iotlb_entries == 16
 
 
 def test_example_file_loads() -> None:
@@ -660,6 +713,7 @@ def test_reload_refuses_changes_to_a_running_port() -> None:
                 name="a",
                 socket="/run/vhostd/other.sock",
                 mode=PortMode.SINK,
+                iotlb_entries=512,
                 features=FeatureConfig(event_idx=False),
             ),
         )
@@ -667,7 +721,8 @@ def test_reload_refuses_changes_to_a_running_port() -> None:
     plan = diff_for_reload(old, new)
     assert not plan.ok
     assert plan.refused == [
-        "port 'a': changing socket, mode, features.event_idx would disconnect its guest; "
+        "port 'a': changing socket, mode, iotlb_entries, features.event_idx would disconnect "
+        "its guest; "
         "remove the port, reload, then add it back (or restart vhostd)"
     ]
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Final, TypeVar
 
+from vhostd.iotlb import DEFAULT_CAPACITY as DEFAULT_IOTLB_ENTRIES
 from vhostd.tomlpos import KeyLines
 
 DEFAULT_CONFIG_PATH: Final = "/etc/vhostd/vhostd.toml"
@@ -41,6 +42,8 @@ MAX_QUEUE_PAIRS: Final = 8
 MIN_SOURCE_FRAME: Final = 60  # the shortest Ethernet frame, FCS excluded
 MAX_FRAME_OVER_MTU: Final = 18  # Ethernet header + one VLAN tag: what the device takes on TX
 DEFAULT_SOURCE_FRAME: Final = 64
+MIN_IOTLB_ENTRIES: Final = 16
+MAX_IOTLB_ENTRIES: Final = 1 << 20
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 COMMAND_LINE: Final = "<command line>"
 
@@ -95,6 +98,8 @@ class PortConfig:
     mtu: int = 1500
     mac: str | None = None  # lower-case; None lets the guest keep its own
     iommu: bool = True  # offer ACCESS_PLATFORM so a guest vIOMMU can fence us
+    # Most device IOTLB entries kept (iommu only); least recently used go first.
+    iotlb_entries: int = DEFAULT_IOTLB_ENTRIES
     features: FeatureConfig = field(default_factory=FeatureConfig)
     reconnect_seconds: float = 1.0
     # Bytes per generated frame (mode "source" only), Ethernet header included.
@@ -543,6 +548,12 @@ def _port(c: _Checker, raw: Mapping[str, Any], i: int) -> tuple[int, PortConfig,
 
     mtu = c.integer(raw, path, "mtu", 1500, MIN_MTU, MAX_MTU)
     source_frame_size = _source_frame_size(c, raw, path, mode, mtu)
+    iommu = c.boolean(raw, path, "iommu", True)
+    iotlb_entries = c.integer(
+        raw, path, "iotlb_entries", DEFAULT_IOTLB_ENTRIES, MIN_IOTLB_ENTRIES, MAX_IOTLB_ENTRIES
+    )
+    if not iommu and "iotlb_entries" in raw:
+        c.report(f"{path}.iotlb_entries", "only applies with iommu = true (no device IOTLB)")
 
     port = PortConfig(
         name=name or "",
@@ -555,7 +566,8 @@ def _port(c: _Checker, raw: Mapping[str, Any], i: int) -> tuple[int, PortConfig,
         queue_pairs=1 if not features.mq else queue_pairs,
         mtu=mtu,
         mac=mac,
-        iommu=c.boolean(raw, path, "iommu", True),
+        iommu=iommu,
+        iotlb_entries=iotlb_entries,
         features=features,
         reconnect_seconds=c.number(raw, path, "reconnect_seconds", 1.0, 3600.0),
         source_frame_size=source_frame_size,
@@ -687,6 +699,8 @@ def config_to_dict(config: DaemonConfig) -> dict[str, Any]:
         port["mode"] = str(port["mode"])
         if port["mode"] != PortMode.SOURCE:
             del port["source_frame_size"]
+        if not port["iommu"]:
+            del port["iotlb_entries"]
         if not port["client"]:
             del port["reconnect_seconds"]
         else:

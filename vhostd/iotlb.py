@@ -18,12 +18,23 @@ On top of that, ``translate`` first checks the entry that served the previous
 successful lookup: descriptors of one packet and consecutive ring accesses
 mostly fall in the same page.
 
-Eviction is oldest-inserted first (FIFO), kept in an ``OrderedDict`` keyed by
-entry start: O(1) per eviction and nothing to do on the lookup path, whereas LRU
-would need bookkeeping on every hit, the hot call. An evicted entry costs one
-more MISS round trip if it is used again, never a wrong translation. (A plain
-dict used as a FIFO degrades: popping its first key leaves dummies that every
-later ``next(iter(d))`` rescans.)
+Eviction is least recently used first, kept in an ``OrderedDict`` keyed by entry
+start: O(1) per touch and per eviction. (A plain dict used as a queue degrades:
+popping its first key leaves dummies that every later ``next(iter(d))`` rescans.)
+A lookup served by the page cache, the bisect, ``_walk`` or ``entry_at`` moves its
+entry to the recent end. A hit on ``_last`` records nothing, so the hottest path
+costs what it did; an ``update`` about to evict first moves ``_last`` to the recent
+end, which ranks the entry the last lookups used as the most recent one too. The
+C burst loops translate from a per-queue cache that ``GuestMemory.extent`` fills
+through ``entry_at``, and their hits never come back here. But that cache is
+cleared whenever `generation` changes and every eviction bumps it, so each entry
+the C path still uses is re-filled, i.e. touched, after every eviction (when its
+queue next runs), which ranks it ahead of every entry nobody has used since.
+
+Over capacity, `_evict` drops ``capacity // 16`` entries at once (at least one), not
+one: each eviction bumps `generation` and so empties every C cache, and a flood of
+UPDATEs at capacity must not do that on every message. An evicted entry costs one
+more MISS round trip if it is used again, never a wrong translation.
 """
 
 from __future__ import annotations
@@ -47,7 +58,17 @@ __all__ = [
 ADDRESS_LIMIT = 1 << 64
 """One past the last IOVA. A range may end exactly here (QEMU's flush-all does)."""
 
-DEFAULT_CAPACITY = 65536 * 2
+DEFAULT_CAPACITY = 4096
+"""Entries per IOTLB unless the port says otherwise (``iotlb_entries``).
+
+Linux vhost (``max_iotlb_entries``) and DPDK both cap at 2048. A port at its
+defaults (4 queue pairs of 256 descriptors, QEMU's ring size) can have 2048
+buffers posted at once, each on its own page when the guest maps per buffer, plus
+the rings: 2048 would make a busy guest evict its own live buffers. 4096 holds that
+working set with room for the stale mappings a lazy-mode guest leaves until its
+next flush, for about 1.3 MiB per port (some 320 bytes an entry). Ports with more
+queue pairs or longer rings should raise ``iotlb_entries``.
+"""
 
 # _GRANTS[have][need]: does an entry with permission `have` allow access `need`?
 # A table lookup keeps IntFlag's Python-level `&` off the hot path.
@@ -145,6 +166,9 @@ class IoTlb:
     (invalidate or update that touched an entry, flush, eviction). A caller may
     keep a translation it got while `generation` stays the same. Adding a mapping
     where there was none does not bump it, so do not cache misses on it.
+
+    At most `capacity` entries are kept; past it the least recently used go,
+    a sixteenth of the table at a time (see the module's docstring).
     """
 
     capacity: int = DEFAULT_CAPACITY
@@ -175,12 +199,13 @@ class IoTlb:
         """``(start, end, uaddr, perm)`` of the entry holding `iova`, or None.
 
         Counts nothing: callers that translate with it (``GuestMemory.extent``)
-        keep the statistics themselves.
+        keep the statistics themselves. It does mark the entry used, for LRU.
         """
         i = bisect_right(self._starts, iova) - 1
         if i >= 0:
             entry = self._entries[i]
             if iova < entry[1]:
+                self._order.move_to_end(entry[0])
                 return entry
         return None
 
@@ -207,6 +232,7 @@ class IoTlb:
             stats.lookups += 1
             stats.hits += 1
             self._last = entry
+            self._order.move_to_end(start)
             return uaddr + (iova - start)
         # One bisect: the only entry that can hold iova is the last starting at or below it.
         i = bisect_right(self._starts, iova) - 1
@@ -218,6 +244,7 @@ class IoTlb:
                 stats.lookups += 1
                 stats.hits += 1
                 self._last = entry
+                self._order.move_to_end(start)
                 if len(pages) >= PAGE_CACHE_SIZE:
                     pages.clear()
                 pages[iova >> PAGE_SHIFT] = entry
@@ -249,11 +276,13 @@ class IoTlb:
         segments: list[tuple[int, int]] = []
         pos = iova
         count = len(starts)
+        touch = self._order.move_to_end
         while True:
             start, stop, uaddr, have = entries[i]
             if not _GRANTS[have][perm]:
                 stats.denied += 1
                 raise IotlbDenied(pos, IotlbPerm(perm), IotlbPerm(have))
+            touch(start)
             piece_uaddr = uaddr + (pos - start)
             piece_end = end if end < stop else stop
             if segments and segments[-1][0] + segments[-1][1] == piece_uaddr:
@@ -290,13 +319,21 @@ class IoTlb:
         starts = self._starts
         i = bisect_left(starts, iova)
         if i < len(starts) and self._entries[i] == entry:
-            return  # exact duplicate (e.g. two MISS answered twice): nothing changes
+            # Exact duplicate (e.g. a MISS answered twice): only its recency changes.
+            self._order.move_to_end(iova)
+            return
         if self._carve(iova, end):
             self.generation += 1
             i = bisect_left(starts, iova)
+        order = self._order
+        last = self._last
+        if last is not _NO_ENTRY and len(starts) >= self.capacity:
+            # About to evict. Hits on the last-hit fast path are not recorded: count
+            # them now, before the new entry becomes the most recent.
+            order.move_to_end(last[0])
         starts.insert(i, iova)
         self._entries.insert(i, entry)
-        self._order[iova] = None
+        order[iova] = None
         if len(starts) > self.capacity:
             self._evict()
 
@@ -338,7 +375,7 @@ class IoTlb:
         kept: list[_Entry] = []
         first_start, _, first_uaddr, first_perm = entries[i]
         if first_start < lo:
-            # Left remainder keeps its key, hence its age.
+            # Left remainder keeps its key, hence its recency; a right one is new.
             kept.append((first_start, lo, first_uaddr, first_perm))
         else:
             del order[first_start]
@@ -355,14 +392,32 @@ class IoTlb:
         return j - i
 
     def _evict(self) -> None:
-        starts = self._starts
+        """Drop least recently used entries down to ``capacity - capacity // 16``.
+
+        Called when over capacity, so at least one goes; the entry just added is
+        the most recent and never goes (the target is at least 1). Invalidations
+        and replacing updates clear ``_last``, so only a plain insert (`update`)
+        has a ``_last`` to rank first.
+        """
         order = self._order
-        while len(starts) > self.capacity:
-            start, _ = order.popitem(last=False)
-            i = bisect_left(starts, start)
-            del starts[i]
-            del self._entries[i]
-            self.stats.evictions += 1
+        victims = len(order) - (self.capacity - self.capacity // 16)
+        starts = self._starts
+        entries = self._entries
+        # Keep the runs between victims with slice copies (C memcpy): one pass over
+        # the lists however many go, instead of one memmove per victim.
+        gone = sorted(bisect_left(starts, order.popitem(last=False)[0]) for _ in range(victims))
+        kept_starts: list[int] = []
+        kept_entries: list[_Entry] = []
+        begin = 0
+        for i in gone:
+            kept_starts += starts[begin:i]
+            kept_entries += entries[begin:i]
+            begin = i + 1
+        kept_starts += starts[begin:]
+        kept_entries += entries[begin:]
+        self._starts = kept_starts
+        self._entries = kept_entries
+        self.stats.evictions += victims
         self._last = _NO_ENTRY
         self._pages.clear()
         self.generation += 1

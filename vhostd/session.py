@@ -259,7 +259,7 @@ class Session:
         self.features = value
         if value & VF.ACCESS_PLATFORM:
             if self.iotlb is None:
-                self.iotlb = IoTlb(stats=self.stats.iotlb)
+                self.iotlb = IoTlb(capacity=self.port.config.iotlb_entries, stats=self.stats.iotlb)
             self.mem.iotlb = self.iotlb
         else:
             self.mem.iotlb = None
