@@ -2,8 +2,9 @@
 
 The C lives in ``vhostd/csrc``, one file per concept (``tcache.c`` the
 translation cache, ``ring.c`` the split ring walk, ``net.c`` TX bursts and RX
-delivery); ``vhostd.h`` says what Python may call, and its part between the
-``cffi:begin``/``cffi:end`` markers is the cffi declaration as well, so the
+delivery, ``guard.c`` the SIGBUS guard over guest memory); the headers in
+``HEADERS`` say what Python may call, and their parts between the
+``cffi:begin``/``cffi:end`` markers are the cffi declaration as well, so the
 two cannot drift apart. Warnings are errors.
 
 API mode (not ABI mode) because the data path needs a real memory fence,
@@ -27,7 +28,9 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = Path("vhostd", "csrc")
 """Relative to the project root, where setuptools runs this (it refuses absolute paths)."""
-SOURCES = ("tcache.c", "ring.c", "net.c")
+SOURCES = ("tcache.c", "ring.c", "net.c", "guard.c")
+HEADERS = ("vhostd.h", "guard.h")
+"""The headers Python calls through: each one's cffi-marked part joins the cdef."""
 WARNINGS = ["-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wpointer-arith", "-Wvla"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 
@@ -49,14 +52,16 @@ SYSTEM_CDEF = """
 
 
 def api_cdef() -> str:
-    """The declarations of ``vhostd.h`` between its cffi markers.
+    """The declarations of every header in ``HEADERS`` between its cffi markers.
 
     ``struct vhostd_tcache`` is opaque to C callers but Python allocates it,
     so cffi is told to take its size from the compiler.
     """
-    text = (ROOT / CSRC / "vhostd.h").read_text()
-    body = text.split("/* cffi:begin */", 1)[1].split("/* cffi:end */", 1)[0]
-    return body.replace("struct vhostd_tcache;", "struct vhostd_tcache { ...; };")
+    bodies = []
+    for name in HEADERS:
+        text = (ROOT / CSRC / name).read_text()
+        bodies.append(text.split("/* cffi:begin */", 1)[1].split("/* cffi:end */", 1)[0])
+    return "".join(bodies).replace("struct vhostd_tcache;", "struct vhostd_tcache { ...; };")
 
 
 def builder(sanitize: bool = False, csrc: Path = CSRC) -> FFI:
@@ -65,7 +70,9 @@ def builder(sanitize: bool = False, csrc: Path = CSRC) -> FFI:
     flags = ["-std=gnu11", *WARNINGS] + (["-O1", "-g", *SANITIZE] if sanitize else ["-O2"])
     ffi.set_source(
         "vhostd._native_san" if sanitize else "vhostd._native",
-        '#include <sys/mman.h>\n#include "vhostd.h"\n#include "tcache.h"\n',
+        "#include <sys/mman.h>\n"
+        + "".join(f'#include "{name}"\n' for name in HEADERS)
+        + '#include "tcache.h"\n',
         sources=[str(csrc / name) for name in SOURCES],
         include_dirs=[str(csrc)],
         extra_compile_args=flags,

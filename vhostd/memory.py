@@ -6,14 +6,28 @@ address, the front-end's own virtual address (``userspace_addr``) and an
 offset into the fd. This module maps the fds with ``mmap`` through cffi and
 turns either kind of address into a local memoryview, never past a region's
 end. It knows nothing of rings or of the IOTLB: ``guestmem`` builds on it.
+
+A front-end could announce more memory than its file holds, or shrink the
+file later: touching a page past a file's end raises SIGBUS, which would
+kill the daemon and every guest's network with it. So every fd is checked
+against its real size before it is mapped (:func:`map_guest_file`, for any
+mapping of a front-end's file), and a file that can still shrink (not
+sealed with ``F_SEAL_SHRINK``; QEMU seals its memfds) is mapped under the
+SIGBUS guard of ``csrc/guard.c``: a vanished page turns into zeros, and the
+table's eventfd tells the session (:meth:`MemoryTable.wait_lost`) to close
+that connection.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+import trio
 
 from protocol.payloads import MemoryRegion
 
@@ -37,11 +51,23 @@ class _Reservation:
     lingering = 0
     """Ranges retired by ``MappedRegion.unmap`` that something still references."""
 
-    __slots__ = ("length", "retired")
+    __slots__ = ("guard", "length", "retired")
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, guard: int = -1) -> None:
         self.length = length
         self.retired = False
+        self.guard = guard
+        """The SIGBUS guard slot watching the range (-1: none)."""
+
+    @property
+    def lost(self) -> bool:
+        """True once the guard replaced the range with zeros (its file shrank)."""
+        return self.guard >= 0 and bool(lib.vhostd_guard_lost(self.guard))
+
+    def unguard(self) -> None:
+        if self.guard >= 0:
+            lib.vhostd_guard_unregister(self.guard)
+            self.guard = -1
 
     def retire(self, ptr: object) -> None:
         """Drop the guest's pages now; keep the range as empty private pages."""
@@ -50,10 +76,14 @@ class _Reservation:
         if int(ffi.cast("uintptr_t", got)) != int(ffi.cast("uintptr_t", ptr)):
             # Still the guest's pages, but still ours alone until collected.
             log.error("could not retire a mapping: %s", os.strerror(ffi.errno))
+        # Empty private pages cannot fault: the guard can let go (after, not
+        # before, so no moment is left unguarded).
+        self.unguard()
         self.retired = True
         _Reservation.lingering += 1
 
     def release(self, ptr: object) -> None:
+        self.unguard()
         lib.munmap(ptr, self.length)
         if self.retired:
             _Reservation.lingering -= 1
@@ -66,6 +96,85 @@ def lingering_mappings() -> int:
 
 class MemoryError_(Exception):
     """A region the front-end described cannot be used."""
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISFIFO, "pipe"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def check_backing(fd: int, offset: int, size: int, what: str) -> bool:
+    """Refuse ``fd`` unless bytes ``[offset, offset+size)`` lie inside the file; can it shrink?
+
+    Guest memory comes as a regular file (memfd, hugetlbfs, /dev/shm); a
+    mapping past its end would fault with SIGBUS at the first touch. ``what``
+    names the mapping in the error ("region gpa ..."). Returns whether the
+    file may still shrink under a mapping (no ``F_SEAL_SHRINK`` seal).
+    """
+    # Seals first: once F_SEAL_SHRINK is on, the size fstat reports holds for
+    # good; read after it, a seal could come with a truncate in between.
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0  # not a memfd (hugetlbfs, /dev/shm): nothing stops a truncate
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise MemoryError_(f"{what}: its fd cannot be examined: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "special file")
+        raise MemoryError_(
+            f"{what}: its fd is a {kind}, not a regular file "
+            "(guest memory must be a memfd, hugetlbfs or shared-memory file)"
+        )
+    if offset >= st.st_size:
+        raise MemoryError_(
+            f"{what}: mmap_offset {offset:#x} is beyond the end of its file ({st.st_size:#x} bytes)"
+        )
+    if offset + size > st.st_size:
+        raise MemoryError_(
+            f"{what} does not fit in its file: it needs bytes up to {offset + size:#x}, "
+            f"the file has {st.st_size:#x}"
+        )
+    return not seals & fcntl.F_SEAL_SHRINK
+
+
+def map_guest_file(
+    fd: int, offset: int, size: int, what: str, notify_fd: int = -1
+) -> tuple[object, _Reservation, bool]:
+    """Map a front-end's file shared, read-write, from 0 to ``offset + size``.
+
+    The one way vhostd maps a front-end's fd (memory regions; the dirty log
+    when it comes): checked by :func:`check_backing`, then, if the file can
+    shrink, registered with the SIGBUS guard, which writes ``notify_fd`` if
+    the file loses pages under the mapping. Returns the pointer (unmapped
+    when collected), its reservation, and whether the file can shrink.
+    """
+    can_shrink = check_backing(fd, offset, size, what)
+    length = offset + size
+    raw = lib.mmap(ffi.NULL, length, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, 0)
+    if int(ffi.cast("intptr_t", raw)) == -1:
+        err = ffi.errno
+        raise MemoryError_(f"{what}: mmap of {length:#x} bytes failed: {os.strerror(err)}")
+    guard = -1
+    if can_shrink:
+        guard = lib.vhostd_guard_register(ffi.cast("uint8_t *", raw), length, notify_fd)
+        if guard < 0:
+            err = ffi.errno
+            lib.munmap(raw, length)
+            if guard == -1:
+                raise MemoryError_(
+                    f"{what}: its file is not sealed against shrinking and all "
+                    f"{lib.VHOSTD_GUARD_SLOTS} guarded mappings are in use"
+                )
+            raise MemoryError_(f"cannot install the SIGBUS handler: {os.strerror(err)}")
+    lib.madvise(raw, length, lib.MADV_DONTDUMP)
+    reservation = _Reservation(length, guard)
+    return ffi.gc(raw, reservation.release), reservation, can_shrink
 
 
 class AddressFault(Exception):
@@ -87,12 +196,17 @@ class MappedRegion:
     uaddr: int
     mmap_offset: int
     view: memoryview
+    can_shrink: bool
+    """Its file is not sealed against shrinking: the SIGBUS guard watches it."""
     _ptr: object = field(repr=False)
     _reservation: _Reservation = field(repr=False)
 
     @classmethod
-    def map(cls, region: MemoryRegion, fd: int) -> MappedRegion:
-        """Map ``region`` from ``fd``; the caller keeps ownership of ``fd``."""
+    def map(cls, region: MemoryRegion, fd: int, notify_fd: int = -1) -> MappedRegion:
+        """Map ``region`` from ``fd``; the caller keeps ownership of ``fd``.
+
+        ``notify_fd`` (an eventfd) is written if the file shrinks under the mapping.
+        """
         size, offset = region.memory_size, region.mmap_offset
         if size == 0:
             raise MemoryError_("region of size 0")
@@ -103,18 +217,28 @@ class MappedRegion:
         ):
             if base + size > U64_END:
                 raise MemoryError_(f"{name} {base:#x} + size {size:#x} overflows 64 bits")
-        length = offset + size
-        ptr = lib.mmap(ffi.NULL, length, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, 0)
-        if int(ffi.cast("intptr_t", ptr)) == -1:
-            err = ffi.errno
-            raise MemoryError_(f"mmap of {length:#x} bytes failed: {os.strerror(err)}")
-        lib.madvise(ptr, length, lib.MADV_DONTDUMP)
-        reservation = _Reservation(length)
-        ptr = ffi.gc(ptr, reservation.release)
-        view = memoryview(ffi.buffer(ptr, length))[offset:]
+        what = f"region gpa {region.guest_phys_addr:#x}+{size:#x} (mmap_offset {offset:#x})"
+        ptr, reservation, can_shrink = map_guest_file(fd, offset, size, what, notify_fd)
+        view = memoryview(ffi.buffer(ptr, offset + size))[offset:]
         return cls(
-            region.guest_phys_addr, size, region.userspace_addr, offset, view, ptr, reservation
+            region.guest_phys_addr,
+            size,
+            region.userspace_addr,
+            offset,
+            view,
+            can_shrink,
+            ptr,
+            reservation,
         )
+
+    @property
+    def where(self) -> str:
+        return f"gpa {self.gpa:#x}+{self.size:#x}"
+
+    @property
+    def lost(self) -> bool:
+        """True once its file shrank under it (the guard put zeros in its place)."""
+        return self._reservation.lost
 
     def unmap(self) -> None:
         """Give the guest's memory back now; the view must not be used afterwards.
@@ -149,6 +273,10 @@ class MemoryTable:
     memory slots) after checking the last hit, which is nearly always right.
     ``generation`` changes whenever a region goes away, so anything that
     cached a view into guest memory knows to look again.
+
+    The table owns one eventfd, opened with the first mapping or the first
+    :meth:`wait_lost` and closed by :meth:`clear`: the SIGBUS guard writes it
+    when a region's file shrinks under its mapping.
     """
 
     def __init__(self, max_regions: int) -> None:
@@ -157,6 +285,9 @@ class MemoryTable:
         self._last_gpa: MappedRegion | None = None
         self._last_uaddr: MappedRegion | None = None
         self.generation = 0
+        self._notify: int | None = None
+        self._vanished: list[str] = []
+        """Lost regions already unmapped (a new table came before the session looked)."""
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -168,28 +299,59 @@ class MemoryTable:
     def mapped_bytes(self) -> int:
         return sum(r.size for r in self._regions)
 
+    @property
+    def unsealed(self) -> int:
+        """Regions whose file can shrink (not sealed): guarded against SIGBUS."""
+        return sum(r.can_shrink for r in self._regions)
+
+    def _notify_fd(self) -> int:
+        if self._notify is None:
+            self._notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return self._notify
+
+    def lost(self) -> list[str]:
+        """The regions (``gpa A+S``) whose file shrank under their mapping, if any."""
+        return self._vanished + [r.where for r in self._regions if r.lost]
+
+    async def wait_lost(self) -> list[str]:
+        """Wait until guest memory vanished under a mapping; :meth:`lost` then.
+
+        Must be cancelled before :meth:`clear` closes the eventfd it waits on.
+        """
+        fd = self._notify_fd()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                continue
+            lost = self.lost()
+            if lost:
+                return lost
+
     def replace(self, regions: Iterable[MemoryRegion], fds: list[int]) -> None:
         """Map a whole new table (SET_MEM_TABLE); all-or-nothing."""
         new: list[MappedRegion] = []
         try:
             for region, fd in zip(regions, fds, strict=True):
-                new.append(self._checked(MappedRegion.map(region, fd), new))
+                mapped = MappedRegion.map(region, fd, self._notify_fd())
+                new.append(self._checked(mapped, new))
         except BaseException:
             for mapped in new:
-                mapped.unmap()
+                self._unmap(mapped)
             raise
-        self.clear()
+        self._unmap_all()
         self._regions = new
 
     def add(self, region: MemoryRegion, fd: int) -> None:
         """Map one more region (ADD_MEM_REG)."""
         if len(self._regions) >= self.max_regions:
             raise MemoryError_(f"all {self.max_regions} memory slots are in use")
-        mapped = MappedRegion.map(region, fd)
+        mapped = MappedRegion.map(region, fd, self._notify_fd())
         try:
             self._regions.append(self._checked(mapped, self._regions))
         except BaseException:
-            mapped.unmap()
+            self._unmap(mapped)
             raise
 
     def remove(self, region: MemoryRegion) -> None:
@@ -198,18 +360,30 @@ class MemoryTable:
             if mapped.describes(region):
                 del self._regions[i]
                 self._forget()
-                mapped.unmap()
+                self._unmap(mapped)
                 return
         raise MemoryError_(
             f"no region at gpa {region.guest_phys_addr:#x} size {region.memory_size:#x}"
         )
 
     def clear(self) -> None:
-        """Unmap everything; safe to call on every way out of a connection."""
+        """Unmap everything, close the eventfd; safe to call on every way out of a connection."""
+        self._unmap_all()
+        self._vanished.clear()
+        if self._notify is not None:
+            os.close(self._notify)
+            self._notify = None
+
+    def _unmap_all(self) -> None:
         regions, self._regions = self._regions, []
         self._forget()
         for mapped in regions:
-            mapped.unmap()
+            self._unmap(mapped)
+
+    def _unmap(self, mapped: MappedRegion) -> None:
+        if mapped.lost:
+            self._vanished.append(mapped.where)
+        mapped.unmap()
 
     def _forget(self) -> None:
         self._last_gpa = self._last_uaddr = None
@@ -218,7 +392,7 @@ class MemoryTable:
     def _checked(self, mapped: MappedRegion, others: list[MappedRegion]) -> MappedRegion:
         for other in others:
             if mapped.overlaps(other):
-                mapped.unmap()
+                self._unmap(mapped)
                 raise MemoryError_(
                     f"region gpa {mapped.gpa:#x}+{mapped.size:#x} overlaps "
                     f"region gpa {other.gpa:#x}+{other.size:#x}"

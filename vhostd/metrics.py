@@ -86,6 +86,11 @@ PORT_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "rx_not_ready",
         "Frames for the guest dropped because none of its RX queues was ready.",
     ),
+    (
+        "vhostd_memory_faults",
+        "memory_faults",
+        "Connections closed because guest memory vanished under the back-end (SIGBUS).",
+    ),
     ("vhostd_iotlb_miss_requests", "iotlb_miss_sent", "IOTLB MISS messages sent to the front-end."),
     (
         "vhostd_iotlb_miss_timeouts",

@@ -144,11 +144,29 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._watch_memory)
                 await self._read_main()
                 nursery.cancel_scope.cancel()
         finally:
             self._teardown()
             self.stats.disconnects += 1
+
+    async def _watch_memory(self) -> None:
+        """End the connection if guest memory vanishes under its mapping (SIGBUS guard).
+
+        Until the teardown unmaps them, the lost regions hold zeros: stray
+        reads see zeros, writes reach nothing, the rest of the daemon runs on.
+        """
+        lost = await self.table.wait_lost()
+        self.stats.memory_faults += 1
+        log.error(
+            "%s: guest memory region %s vanished under the back-end (its memfd shrank; "
+            "front-end is not sealing its memory): closing the connection",
+            self.name,
+            ", ".join(lost),
+        )
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
 
     async def _read_main(self) -> None:
         handlers = self._handlers()
@@ -293,10 +311,11 @@ class Session:
         except MemoryError_ as exc:
             raise RequestFailed("bad_memory_table", str(exc)) from None
         log.info(
-            "%s: memory table of %d region(s), %d MiB",
+            "%s: memory table of %d region(s), %d MiB, %d not sealed against shrinking",
             self.name,
             len(self.table),
             self.table.mapped_bytes >> 20,
+            self.table.unsealed,
         )
         self._kick_all()
 

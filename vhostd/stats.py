@@ -49,6 +49,7 @@ class PortStats:
     access_failures: int = 0
     blocked_accesses: int = 0
     rx_not_ready: int = 0
+    memory_faults: int = 0
     queues: dict[tuple[int, str], QueueStats] = field(default_factory=dict)
 
     def queue(self, index: int) -> QueueStats:
