@@ -339,7 +339,11 @@ async def test_delayed_misses_lose_no_frame_in_either_direction() -> None:
 
 @pytest.mark.trio
 async def test_100k_mappings_then_traffic() -> None:
-    async with ports("reflect") as (_, (p0,)), Frontend.connect(p0.config.socket) as fe:
+    # A port whose IOTLB may hold them all (the default cap is far lower).
+    async with (
+        ports("reflect", iotlb_entries=1 << 17) as (_, (p0,)),
+        Frontend.connect(p0.config.socket) as fe,
+    ):
         await fe.net_setup(iommu=True)
         count = 100_000
         base = 0x40_0000_0000

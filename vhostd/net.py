@@ -126,25 +126,13 @@ class TxQueue:
         q.refresh()
         n = min(q.available(), limit)
         stats = self.stats
-        hdr_len = self.hdr_len
         frames: list[memoryview] = []
         heads: list[int] = []
         try:
             while len(heads) < n:
-                head = q.head(len(heads))
-                views: list[memoryview] = []
-                total = q.walk(head, False, views)
-                size = total - hdr_len
-                if size < MIN_FRAME or size > self.max_frame:
-                    stats.dropped += 1
-                elif not self._header_ok(views):
-                    stats.bad_header += 1
-                    stats.dropped += 1
-                else:
-                    stats.packets += 1
-                    stats.bytes += size
-                    if sink is not None:
-                        frames.append(_gather(views, hdr_len))
+                head, frame = self.take(len(heads), sink is not None)
+                if frame is not None:
+                    frames.append(frame)
                 heads.append(head)
         finally:
             if heads:
@@ -157,6 +145,28 @@ class TxQueue:
                     q.publish()
                     stats.bursts += 1
         return len(heads)
+
+    def take(self, nth: int, gather: bool) -> tuple[int, memoryview | None]:
+        """Walk and judge the ``nth`` chain not yet taken, counting it; nothing is put.
+
+        Returns its head and, if ``gather`` and the frame is to be sent, the
+        frame's bytes (valid until the next await). Raises what the walk raises.
+        """
+        q = self.queue
+        stats = self.stats
+        head = q.head(nth)
+        views: list[memoryview] = []
+        size = q.walk(head, False, views) - self.hdr_len
+        if size < MIN_FRAME or size > self.max_frame:
+            stats.dropped += 1
+            return head, None
+        if not self._header_ok(views):
+            stats.bad_header += 1
+            stats.dropped += 1
+            return head, None
+        stats.packets += 1
+        stats.bytes += size
+        return head, _gather(views, self.hdr_len) if gather else None
 
     def _header_ok(self, views: list[memoryview]) -> bool:
         # Without CSUM or GSO offered, the only valid header is the empty one.

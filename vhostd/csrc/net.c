@@ -3,11 +3,13 @@
 
 #define MIN_FRAME 14
 
-/* TxQueue.burst's walk: take up to limit chains, collect their frames (or only
-   count them) and record their heads in q->heads without returning them:
-   the caller hands the frames on, then calls vhostd_tx_complete, so a frame
-   is read before its chain goes back to the driver. */
-int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t limit,
+/* TxQueue.burst's walk: after the skip chains already taken, take up to limit
+   more, collect their frames (or only count them) and record their heads in
+   q->heads from skip on, without returning them: the caller hands the frames
+   on, and once the whole burst went, returns it with vhostd_tx_complete. So
+   every frame is read before any chain of its burst goes back to the driver,
+   however the burst was split into calls. */
+int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t skip, uint32_t limit,
                     uint32_t hdr_len, uint32_t max_frame, int collect,
                     struct vhostd_frame *frames, uint32_t *nframes, uint32_t *done_out)
 {
@@ -16,15 +18,18 @@ int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t limit
     int rc = vhostd_avail_count(q, &n);
     if (rc)
         goto out;
+    n = n > skip ? n - skip : 0;
     if (n > limit)
         n = limit;
-    if (n > q->max_heads)
-        n = q->max_heads;
+    if (skip >= q->max_heads)
+        n = 0;
+    else if (n > q->max_heads - skip)
+        n = q->max_heads - skip;
     while (done < n) {
         uint32_t head, np = 0, first_len;
         uint64_t total;
         int64_t size;
-        if ((rc = vhostd_head_at(q, done, &head)))
+        if ((rc = vhostd_head_at(q, skip + done, &head)))
             break;
         if ((rc = vhostd_walk(q, c, head, 0, &np, &total, &first_len)))
             break;
@@ -78,7 +83,7 @@ int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t limit
                 q->bytes += (uint64_t)size;
             }
         }
-        q->heads[done].id = head;
+        q->heads[skip + done].id = head;
         done++;
     }
 out:
@@ -87,7 +92,7 @@ out:
     return rc;
 }
 
-/* Return the n chains the last vhostd_tx_burst took, in order, as used. */
+/* Return the first n chains of q->heads, in order, as used. */
 void vhostd_tx_complete(struct vhostd_vq *q, uint32_t n)
 {
     uint32_t k;
