@@ -235,6 +235,17 @@ async def test_control_plane_bad_inputs_are_refused_one_by_one() -> None:
             end = r0.uaddr + r0.size
             across = VringAddr(0, 0, end - 0x100, r0.uaddr + 0x2000, r0.uaddr + 0x1000, 0)
             await refused("bad_vring_addr", F.SET_VRING_ADDR, across)
+            # Rings the back-end's index stores could not do atomically.
+            for desc, avail, used in ((8, 0, 0), (0, 1, 0), (0, 0, 2)):
+                skewed = VringAddr(
+                    0,
+                    0,
+                    desc=r0.uaddr + desc,
+                    used=r0.uaddr + 0x2000 + used,
+                    avail=r0.uaddr + 0x1000 + avail,
+                    log=0,
+                )
+                await refused("bad_vring_addr", F.SET_VRING_ADDR, skewed)
             # IOTLB_MSG without ACCESS_PLATFORM.
             upd = IotlbMsg(0x1000, 0x1000, r0.uaddr, IotlbPerm.RW, IotlbType.UPDATE)
             await refused("iotlb_not_negotiated", F.IOTLB_MSG, upd)
@@ -330,3 +341,46 @@ async def test_peer_sockets_closing_mid_stream_are_survived() -> None:
             await until(lambda k=k: port.stats.disconnects == k)  # type: ignore[misc]
         assert port.stats.protocol_errors == {"truncated": 4}
         assert open_fds() == base
+
+
+@pytest.mark.trio
+async def test_access_platform_cannot_be_dropped_under_running_rings() -> None:
+    """Only a reset may take the guest's vIOMMU checks away (never a SET_FEATURES)."""
+    async with ports("reflect") as (_, (port,)), Frontend.connect(port.config.socket) as fe:
+        await fe.net_setup(iommu=True)
+        fe.post_rx(0, 16)
+        assert len(await fe.send_frames(1, [frame(i) for i in range(4)])) == 4
+        assert len(await fe.recv_frames(0, count=4, timeout=5)) == 4
+        wanted = fe.features & ~VirtioFeature.ACCESS_PLATFORM
+        assert await nack(fe, F.SET_FEATURES, wanted) != 0
+        assert port.stats.protocol_errors == {"features_changed_while_running": 1}
+        session = port.session
+        assert session is not None and session.mem.iotlb is not None
+        misses = port.stats.iotlb.misses
+        # New buffers still go through the IOTLB (their pages miss first).
+        fe.post_rx(0, 4)
+        assert len(await fe.send_frames(1, [frame(i) for i in range(4, 8)])) == 4
+        assert len(await fe.recv_frames(0, count=4, timeout=5)) == 4
+        assert port.stats.iotlb.misses > misses
+
+
+@pytest.mark.trio
+async def test_features_changed_under_running_rings_rebuild_the_queues() -> None:
+    """DPDK re-negotiates on a live connection: the queues follow the new features."""
+    async with ports("reflect") as (_, (port,)), Frontend.connect(port.config.socket) as fe:
+        await fe.net_setup()
+        session = port.session
+        assert session is not None and session.vrings[0].rx is not None
+        assert session.vrings[0].rx.mergeable
+        fe.post_rx(0, 16)
+        sent = [frame(i) for i in range(4)]
+        assert len(await fe.send_frames(1, sent)) == 4
+        got = await fe.recv_frames(0, count=4, timeout=5)
+        await fe.set_features(fe.features & ~VirtioFeature.NET_MRG_RXBUF)
+        rx = session.vrings[0].rx
+        assert rx is not None and not rx.mergeable and session.vrings[0].running
+        more = [frame(i) for i in range(4, 8)]
+        assert len(await fe.send_frames(1, more)) == 4
+        got += await fe.recv_frames(0, count=4, timeout=5)
+        assert [g[12:] for g in got] == [f[12:] for f in sent + more]
+        assert port.stats.queue_faults.total() == 0

@@ -274,6 +274,15 @@ class Session:
         extra = value & ~self.offered_features
         if extra:
             raise RequestFailed("bad_features", f"features {extra:#x} were not offered")
+        running = [v for v in self.vrings if v.started]
+        if running and self.features & ~value & VF.ACCESS_PLATFORM:
+            # The guest asked for its vIOMMU to check every access; a front-end
+            # may not take that away under running rings.
+            raise RequestFailed(
+                "features_changed_while_running",
+                "ACCESS_PLATFORM dropped while rings run; reset the device first",
+            )
+        changed = value != self.features
         self.features = value
         if value & VF.ACCESS_PLATFORM:
             if self.iotlb is None:
@@ -284,6 +293,11 @@ class Session:
         log.info(
             "%s: features %#x%s", self.name, value, " (device IOTLB on)" if self.mem.iotlb else ""
         )
+        if changed:
+            # The queues were built for the old features (header size, merging,
+            # address space): rebuild them where they stand.
+            for vring in running:
+                self._restart_vring(vring)
 
     def _set_protocol_features(self, msg: Message) -> None:
         value = _u64(msg)
@@ -388,6 +402,16 @@ class Session:
                         "bad_vring_addr",
                         f"vring {vring.index} {name} {addr:#x}+{size:#x} is not inside one region",
                     )
+        for name, addr, align in (
+            ("desc", payload.desc, 16),
+            ("avail", payload.avail, 2),
+            ("used", payload.used, 4),
+        ):
+            if addr % align:
+                raise RequestFailed(
+                    "bad_vring_addr",
+                    f"vring {vring.index} {name} {addr:#x} is not {align}-byte aligned",
+                )
         vring.addr = payload
 
     def _set_vring_base(self, msg: Message) -> None:
@@ -542,6 +566,14 @@ class Session:
         self._update_rx_ready()
         if vring.index == 0:
             self.port.attach(self)
+
+    def _restart_vring(self, vring: Vring) -> None:
+        base, old = vring.next_avail, vring.rx
+        self._stop_vring(vring)
+        vring.base = base
+        self._start_vring(vring)
+        if old is not None and vring.rx is not None:
+            vring.rx.backlog = old.backlog  # accepted frames wait on, in order
 
     def _stop_vring(self, vring: Vring) -> None:
         vring.stop()
