@@ -226,3 +226,35 @@ def test_a_sigbus_outside_the_guarded_ranges_still_kills(how: str) -> None:
         assert done.returncode == -signal.SIGBUS, (done.returncode, done.stderr)
     if how == "fault_faulthandler":
         assert "Fatal Python error: Bus error" in done.stderr
+
+
+_FENCE = """
+import os, sys
+from protocol.payloads import MemoryRegion
+from vhostd.memory import MemoryTable
+from vhostd.native import ffi
+
+fd = os.memfd_create("fence")
+os.ftruncate(fd, 1 << 16)
+table = MemoryTable(4)
+table.replace([MemoryRegion(0, 1 << 16, 0x7000_0000, 0)], [fd])
+region = next(iter(table))
+with ffi.from_buffer("uint8_t[]", region.view) as p:
+    base = ffi.cast("uint8_t *", p)
+    assert base[0] == 0 and base[(1 << 16) - 1] == 0
+    print("inside ok", flush=True)
+    where = sys.argv[1]
+    base[-1 if where == "before" else 1 << 16] = 1
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_guest_memory_is_fenced_by_inaccessible_pages(where: str) -> None:
+    """One byte past either end of a region faults instead of reaching other memory."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FENCE, where], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert "inside ok" in done.stdout, done.stderr
+    assert "survived" not in done.stdout
+    assert done.returncode != 0

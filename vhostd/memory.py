@@ -51,10 +51,13 @@ class _Reservation:
     lingering = 0
     """Ranges retired by ``MappedRegion.unmap`` that something still references."""
 
-    __slots__ = ("guard", "length", "retired")
+    __slots__ = ("fenced", "guard", "length", "reserved", "retired")
 
-    def __init__(self, length: int, guard: int = -1) -> None:
+    def __init__(self, length: int, reserved: object, fenced: int, guard: int = -1) -> None:
         self.length = length
+        self.reserved = reserved
+        """The whole reservation: the mapping with its inaccessible fences."""
+        self.fenced = fenced
         self.retired = False
         self.guard = guard
         """The SIGBUS guard slot watching the range (-1: none)."""
@@ -84,7 +87,7 @@ class _Reservation:
 
     def release(self, ptr: object) -> None:
         self.unguard()
-        lib.munmap(ptr, self.length)
+        lib.munmap(self.reserved, self.fenced)
         if self.retired:
             _Reservation.lingering -= 1
 
@@ -156,16 +159,13 @@ def map_guest_file(
     """
     can_shrink = check_backing(fd, offset, size, what)
     length = offset + size
-    raw = lib.mmap(ffi.NULL, length, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, 0)
-    if int(ffi.cast("intptr_t", raw)) == -1:
-        err = ffi.errno
-        raise MemoryError_(f"{what}: mmap of {length:#x} bytes failed: {os.strerror(err)}")
+    reserved, fenced, raw = _fenced_mmap(fd, length, os.fstat(fd).st_blksize, what)
     guard = -1
     if can_shrink:
         guard = lib.vhostd_guard_register(ffi.cast("uint8_t *", raw), length, notify_fd)
         if guard < 0:
             err = ffi.errno
-            lib.munmap(raw, length)
+            lib.munmap(reserved, fenced)
             if guard == -1:
                 raise MemoryError_(
                     f"{what}: its file is not sealed against shrinking and all "
@@ -173,8 +173,36 @@ def map_guest_file(
                 )
             raise MemoryError_(f"cannot install the SIGBUS handler: {os.strerror(err)}")
     lib.madvise(raw, length, lib.MADV_DONTDUMP)
-    reservation = _Reservation(length, guard)
+    reservation = _Reservation(length, reserved, fenced, guard)
     return ffi.gc(raw, reservation.release), reservation, can_shrink
+
+
+def _fenced_mmap(fd: int, length: int, block: int, what: str) -> tuple[object, int, object]:
+    """Map ``fd`` shared between two inaccessible fences of at least a page.
+
+    An access that runs off either end of guest memory faults at once
+    instead of reading or writing whatever this process mapped next door.
+    The file goes at an address aligned to its block size (a hugetlbfs file
+    maps only at huge-page boundaries). Returns the reservation, its length
+    and the mapping's start.
+    """
+    fence = max(4096, block)
+    total = length + 3 * fence
+    none = lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE
+    reserved = lib.mmap(ffi.NULL, total, lib.PROT_NONE, none, -1, 0)
+    if int(ffi.cast("intptr_t", reserved)) == -1:
+        err = ffi.errno
+        raise MemoryError_(f"{what}: cannot reserve {total:#x} bytes: {os.strerror(err)}")
+    base = int(ffi.cast("uintptr_t", reserved))
+    start = (base + 2 * fence - 1) // fence * fence
+    flags = lib.MAP_SHARED | lib.MAP_FIXED
+    rw = lib.PROT_READ | lib.PROT_WRITE
+    raw = lib.mmap(ffi.cast("void *", start), length, rw, flags, fd, 0)
+    if int(ffi.cast("intptr_t", raw)) == -1:
+        err = ffi.errno
+        lib.munmap(reserved, total)
+        raise MemoryError_(f"{what}: mmap of {length:#x} bytes failed: {os.strerror(err)}")
+    return reserved, total, raw
 
 
 class AddressFault(Exception):
