@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from protocol import VirtioFeature
 from tests.daemon import REPO, VhostdProcess, port_config, serving
 from tests.vusim.frontend import Frontend
 from vhostd.control import fetch, flag_names, format_status, snapshot
+from vhostd.runtime import SetupError
 
 
 def test_flag_names_decode_known_and_unknown_bits() -> None:
@@ -112,14 +114,18 @@ def test_failed_ring_reason_is_shown(tmp_sock_dir: Path) -> None:
 
 
 def test_live_control_socket_is_not_taken_over(tmp_sock_dir: Path) -> None:
+    """A second daemon with the same control socket refuses to start (instance lock)."""
     ctl = str(tmp_sock_dir / "c.sock")
 
     async def main() -> None:
-        async with (
-            serving(port_config(tmp_sock_dir / "a.sock"), control_socket=ctl) as first,
-            serving(port_config(tmp_sock_dir / "b.sock"), control_socket=ctl) as second,
-        ):
-            assert first.control_path == ctl and second.control_path is None
+        async with serving(port_config(tmp_sock_dir / "a.sock"), control_socket=ctl) as first:
+            with pytest.raises(BaseExceptionGroup) as refused:
+                async with serving(port_config(tmp_sock_dir / "b.sock"), control_socket=ctl):
+                    pass
+            assert refused.group_contains(
+                SetupError, match=rf"another vhostd \(pid {os.getpid()}\)"
+            )
+            assert first.control_path == ctl and not (tmp_sock_dir / "b.sock").exists()
             snap = await trio.to_thread.run_sync(fetch, ctl)
             assert [p["name"] for p in snap["ports"]] == ["a"]
 

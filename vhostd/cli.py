@@ -4,8 +4,13 @@
 [--mode switch|reflect|sink|source] [--source-size N] [--config FILE]
 [--metrics-listen ADDR] [--control-socket PATH]`` serves ports until SIGINT or SIGTERM;
 ``vhostd check-config FILE`` reports every problem in a configuration file
-with its line; ``vhostd status [--json] [--control-socket PATH]`` shows what
-a running daemon is doing (ports, features, rings, counters).
+with its line, then what would stop it on this system; ``vhostd status [--json]
+[--control-socket PATH]`` shows what a running daemon is doing (ports, features,
+rings, counters); ``vhostd reload`` makes it re-read its file and prints the verdict.
+
+``vhostd run`` exits 0 when stopped, 78 (EX_CONFIG) when the configuration or
+what it names on this system must be fixed first (each problem one line on
+stderr: the port or TAP, the path, the fix), 1 on an unexpected failure.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from .config import (
     check_config_text,
     config_from_args,
     load_config,
+    parse_config,
 )
+from .runtime import EX_CONFIG, SetupError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,20 +86,39 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--control-socket", metavar="PATH", help="the status socket")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
-    check = sub.add_parser("check-config", help="validate a configuration file")
+    check = sub.add_parser(
+        "check-config", help="validate a configuration file and what it needs on this system"
+    )
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG_PATH)
+    check.add_argument(
+        "--syntax-only",
+        action="store_true",
+        help="check the file alone, not directories, users, TAPs and ports on this system",
+    )
+
+    reload = sub.add_parser(
+        "reload", help="make the running daemon re-read its configuration; print the verdict"
+    )
+    _control_socket_args(reload)
+    reload.add_argument(
+        "--timeout", type=float, default=30.0, metavar="S", help="wait this long for the result"
+    )
 
     status = sub.add_parser("status", help="show a running daemon's ports and counters")
     status.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
-    status.add_argument(
+    _control_socket_args(status)
+    return parser
+
+
+def _control_socket_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--control-socket",
         metavar="PATH",
         help=f"the daemon's control socket (default: from --config, else {DEFAULT_CONTROL_SOCKET})",
     )
-    status.add_argument(
+    parser.add_argument(
         "--config", metavar="FILE", help=f"read control_socket from here ({DEFAULT_CONFIG_PATH})"
     )
-    return parser
 
 
 def _overlay(args: argparse.Namespace, base: DaemonConfig | None) -> DaemonConfig:
@@ -126,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"vhostd: {problem}", file=sys.stderr)
-        return 2
+        return EX_CONFIG
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -134,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     if not config.ports:
         print("vhostd: no ports: give --socket PATH or a --config file", file=sys.stderr)
-        return 2
+        return EX_CONFIG
     try:
         daemon = Daemon(config, path)
         # A reloaded file must get the same overrides, or every SIGHUP would see
@@ -143,6 +169,10 @@ def _run(args: argparse.Namespace) -> int:
         trio.run(daemon.run)
     except KeyboardInterrupt:
         pass
+    except SetupError as exc:
+        for line in exc.problems:
+            print(f"vhostd: {line}", file=sys.stderr)
+        return EX_CONFIG
     except OSError as exc:
         logging.getLogger("vhostd").error("cannot start: %s", exc)
         return 1
@@ -157,10 +187,17 @@ def _check(args: argparse.Namespace) -> int:
         print(f"vhostd: {exc}", file=sys.stderr)
         return 2
     problems = check_config_text(text, args.file)
+    notes: list[str] = []
+    if not problems and not args.syntax_only:
+        from .preflight import check_system
+
+        problems, notes = check_system(parse_config(text, args.file), text, args.file)
     for problem in problems:
         print(problem)
     if problems:
         return 1
+    for note in notes:
+        print(f"{args.file}: note: {note}")
     print(f"{args.file}: OK")
     return 0
 
@@ -197,12 +234,22 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reload(args: argparse.Namespace) -> int:
+    from .reload import request_reload
+
+    code, message = request_reload(_control_socket(args), args.timeout)
+    print(message, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "reload":
+        return _reload(args)
     return _check(args)
 
 

@@ -234,6 +234,7 @@ def snapshot(daemon: Daemon, now: float | None = None) -> dict[str, Any]:
         "uptime_seconds": round(now - daemon.started_at, 3),
         "metrics": daemon.metrics_url,
         "healthy": healthy(daemon),
+        "reload": daemon.reload_status.snapshot(),
         "ports": [port_snapshot(p) for p in daemon.ports.values()],
         "switch": {
             "mac_entries": switch.mac_entries,

@@ -1,28 +1,40 @@
 """The daemon: every port, uplink and service task under one nursery.
 
+Starting takes the instance lock (``runtime.InstanceLock``), then binds every
+port socket and opens every TAP before any task runs: a problem there is a
+:class:`~vhostd.runtime.SetupError` (one line each), everything already made
+is undone, and no socket file is left behind.
+
 Stopping is cancellation: SIGINT or SIGTERM cancels the root nursery, each
 session's ``finally`` unmaps its memory and closes its fds, and the ports
-remove their socket files. SIGHUP re-reads the configuration and applies
-what can change without touching a running guest.
+remove the socket files they created. TAPs stay (persistent) for the next start.
+
+SIGHUP re-reads the configuration and applies it all or nothing: what can fail
+(binding new sockets, opening new TAPs) is prepared first and undone if any of
+it fails, so a refused reload leaves the daemon exactly as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
 from . import systemd
-from .config import DaemonConfig, PortConfig, load_config
+from .config import ConfigError, DaemonConfig, PortConfig, TapConfig, load_config
 from .control import serve_control
 from .metrics import serve_metrics
 from .port import Port
+from .reload import ReloadStatus, diff_for_reload
+from .runtime import InstanceLock, SetupError, file_kind, runtime_file, socket_answers
 from .switch import Switch
-from .tap import TapUplink
+from .tap import CreatedTaps, TapUplink, delete_tap
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +53,14 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self.reload_hook: Callable[[DaemonConfig], DaemonConfig] | None = None
         self.started_at = time.monotonic()
+        self.reload_status = ReloadStatus()
+        """The last reload's outcome (snapshot ``reload``, ``vhostd_reload_*`` metrics)."""
         self.control_path: str | None = None
         """The control socket, once it listens (None if it could not be created)."""
         self.metrics_address: tuple[str, int] | None = None
         """Where /metrics is served once bound (the real port when 0 was asked)."""
+        self.created_taps = CreatedTaps(runtime_file(config.control_socket, ".taps"))
+        """TAPs this vhostd created (in this or an earlier run): deleted once unconfigured."""
 
     @property
     def metrics_url(self) -> str | None:
@@ -54,52 +70,133 @@ class Daemon:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled or signalled to stop."""
+        """Serve until cancelled or signalled to stop; SetupError if it cannot start."""
         inherited = dict(systemd.listen_fds())
+        lock = InstanceLock.acquire(self.config.control_socket)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for cfg in self.config.ports:
-                    self._add_port(cfg, inherited.pop(cfg.name, None))
-                for sock in inherited.values():
-                    sock.close()
-                for tap_cfg in self.config.taps:
-                    tap = TapUplink(tap_cfg.name, self.switch, tap_cfg.mtu)
-                    tap.open()
-                    self.taps.append(tap)
-                    nursery.start_soon(tap.serve)
-                nursery.start_soon(self._signals, nursery.cancel_scope)
-                nursery.start_soon(self._expire_macs)
-                self.control_path = await nursery.start(
-                    serve_control, self, self.config.control_socket
-                )
-                if self.config.metrics.address is not None:
-                    self.metrics_address = await nursery.start(
-                        serve_metrics, self, self.config.metrics.address
+            self.created_taps = CreatedTaps(runtime_file(self.config.control_socket, ".taps"))
+            _check_control_socket(self.config.control_socket)
+            ports, taps = self._prepare(self.config.ports, self.config.taps, inherited)
+            for sock in inherited.values():
+                sock.close()
+            self._delete_unconfigured_taps()
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    for port in ports:
+                        self._start_port(port)
+                    for tap in taps:
+                        self._start_tap(tap)
+                    nursery.start_soon(self._signals, nursery.cancel_scope)
+                    nursery.start_soon(self._expire_macs)
+                    self.control_path = await nursery.start(
+                        serve_control, self, self.config.control_socket
                     )
-                await nursery.start(systemd.watchdog_task)
-                systemd.ready(f"serving {len(self.ports)} port(s)")
-                log.info("vhostd ready: %d port(s), %d tap(s)", len(self.ports), len(self.taps))
-                task_status.started(self)
+                    if self.config.metrics.address is not None:
+                        self.metrics_address = await nursery.start(
+                            serve_metrics, self, self.config.metrics.address
+                        )
+                    await nursery.start(systemd.watchdog_task)
+                    systemd.ready(f"serving {len(self.ports)} port(s)")
+                    log.info("vhostd ready: %d port(s), %d tap(s)", len(self.ports), len(self.taps))
+                    task_status.started(self)
+            finally:
+                systemd.stopping()
+                for port in self.ports.values():
+                    port.close()
+                for tap in self.taps:
+                    tap.close()
+                log.info("vhostd stopped")
         finally:
-            systemd.stopping()
-            for port in self.ports.values():
-                port.close()
-            for tap in self.taps:
-                tap.close()
-            log.info("vhostd stopped")
+            lock.release()
 
-    def _add_port(self, cfg: PortConfig, inherited: socket.socket | None = None) -> None:
+    # -- making and undoing ports and taps ------------------------------------------
+
+    def _prepare(
+        self,
+        port_configs: Iterable[PortConfig],
+        tap_configs: Iterable[TapConfig],
+        inherited: dict[str, socket.socket],
+    ) -> tuple[list[Port], list[TapUplink]]:
+        """Bind every port and open every TAP, or undo them all and raise SetupError
+        listing every problem found."""
+        ports: list[Port] = []
+        taps: list[TapUplink] = []
+        problems: list[str] = []
+        try:
+            for cfg in port_configs:
+                port = Port(cfg, self.switch)
+                try:
+                    port.listen(inherited.pop(cfg.name, None))
+                except SetupError as exc:
+                    problems += exc.problems
+                    continue
+                ports.append(port)
+            for tap_cfg in tap_configs:
+                tap = TapUplink(tap_cfg.name, self.switch, tap_cfg.mtu)
+                try:
+                    tap.open()
+                except SetupError as exc:
+                    problems += exc.problems
+                    continue
+                if tap.created:
+                    self.created_taps.add(tap.name)
+                taps.append(tap)
+            if problems:
+                raise SetupError(problems)
+        except BaseException:
+            self._undo(ports, taps)
+            raise
+        return ports, taps
+
+    def _undo(self, ports: list[Port], taps: list[TapUplink]) -> None:
+        for port in ports:
+            port.close()
+        for tap in taps:
+            tap.close(delete=tap.created)
+            if tap.created:
+                self.created_taps.discard(tap.name)
+
+    def _start_port(self, port: Port) -> None:
         assert self._nursery is not None
-        port = Port(cfg, self.switch)
-        port.listen(inherited)
-        self.ports[cfg.name] = port
+        self.ports[port.name] = port
         self._nursery.start_soon(port.serve)
+
+    def _start_tap(self, tap: TapUplink) -> None:
+        assert self._nursery is not None
+        self.taps.append(tap)
+        self._nursery.start_soon(tap.serve)
 
     def _remove_port(self, name: str) -> None:
         port = self.ports.pop(name, None)
         if port is not None:
             port.close()
+
+    def _remove_tap(self, name: str) -> bool:
+        """Detach the TAP; delete the interface if vhostd created it. True if deleted."""
+        for tap in self.taps:
+            if tap.name == name:
+                self.taps.remove(tap)
+                ours = name in self.created_taps.names
+                tap.close(delete=ours)
+                self.created_taps.discard(name)
+                return ours
+        return False
+
+    def _delete_unconfigured_taps(self) -> None:
+        """TAPs an earlier run created that the configuration no longer has."""
+        configured = {t.name for t in self.config.taps}
+        for name in sorted(self.created_taps.names - configured):
+            try:
+                delete_tap(name)
+            except OSError as exc:
+                log.warning("tap %s: vhostd created it and it is no longer configured, but "
+                            "cannot delete it: %s", name, exc.strerror)  # fmt: skip
+            else:
+                log.info("tap %s: deleted (vhostd created it; no longer configured)", name)
+            self.created_taps.discard(name)
+
+    # -- service tasks -------------------------------------------------------------
 
     async def _expire_macs(self) -> None:
         while True:
@@ -116,35 +213,84 @@ class Daemon:
                 scope.cancel()
                 return
 
-    def reload(self) -> None:
-        """Apply a new configuration file: add and remove ports, refuse the rest."""
-        from .config import ConfigError
-        from .reload import diff_for_reload
+    # -- reload ----------------------------------------------------------------------
 
-        if self.config_path is None:
-            log.warning("SIGHUP: no configuration file to reload")
-            return
+    def reload(self) -> bool:
+        """Re-read the configuration file and apply it whole, or refuse it whole.
+
+        Every outcome is logged ("reload applied: ..." or one "reload refused: ..."
+        line per problem) and recorded in ``reload_status``. True when applied.
+        """
         systemd.reloading()
+        try:
+            changes = self._reload()
+        except SetupError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            log.error("the previous configuration stays in force")
+            self.reload_status.refused(exc.problems)
+            systemd.ready(f"serving {len(self.ports)} port(s); last reload refused")
+            return False
+        self.reload_status.applied(changes)
+        log.info("reload applied: %s", ", ".join(changes) or "nothing changed")
+        systemd.ready(f"serving {len(self.ports)} port(s)")
+        return True
+
+    def _reload(self) -> list[str]:
+        if self.config_path is None:
+            raise SetupError("vhostd was started without --config: there is no file to reload")
         try:
             new = load_config(self.config_path)
             if self.reload_hook is not None:
                 new = self.reload_hook(new)
         except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload refused: %s", problem)
-            systemd.ready()
-            return
+            raise SetupError([str(p) for p in exc.problems]) from None
         plan = diff_for_reload(self.config, new)
         if not plan.ok:
-            for reason in plan.refused:
-                log.error("reload refused: %s", reason)
-            systemd.ready()
-            return
+            raise SetupError(plan.refused)
+        ports, taps = self._prepare(plan.add_ports, plan.add_taps, {})
+        # Nothing below can fail: the reload is committed.
+        changes: list[str] = []
         for port_cfg in plan.remove_ports:
             log.info("reload: removing port %s", port_cfg.name)
             self._remove_port(port_cfg.name)
-        for port_cfg in plan.add_ports:
-            log.info("reload: adding port %s", port_cfg.name)
-            self._add_port(port_cfg)
+            changes.append(f"removed port {port_cfg.name}")
+        for tap_cfg in plan.remove_taps:
+            log.info("reload: removing tap %s", tap_cfg.name)
+            deleted = self._remove_tap(tap_cfg.name)
+            changes.append(f"removed tap {tap_cfg.name}" + (" (deleted)" if deleted else ""))
+        for port in ports:
+            log.info("reload: adding port %s", port.name)
+            self._start_port(port)
+            changes.append(f"added port {port.name}")
+        for tap in taps:
+            log.info("reload: adding tap %s", tap.name)
+            self._start_tap(tap)
+            changes.append(f"added tap {tap.name}" + (" (created)" if tap.created else ""))
+        if plan.log_level is not None:
+            logging.getLogger().setLevel(plan.log_level.upper())
+            changes.append(f"log_level {plan.log_level}")
         self.config = new
-        systemd.ready(f"serving {len(self.ports)} port(s)")
+        return changes
+
+
+def _check_control_socket(path: str) -> None:
+    """The control socket may replace only a stale socket, never another file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SetupError(
+            f"control socket {path} exists and is {file_kind(st.st_mode)}, not a socket (vhostd "
+            "never removes it): move it away or fix control_socket= (--control-socket)"
+        )
+    try:
+        live = socket_answers(path)
+    except OSError:
+        live = True
+    if live:
+        raise SetupError(
+            f"control socket {path}: another process answers there although nobody holds the "
+            "instance lock (an older vhostd?): stop it or fix control_socket= (--control-socket)"
+        )

@@ -135,6 +135,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "vhostd_tap_bytes_total",
     "vhostd_tap_drops_total",
     "vhostd_up",
+    "vhostd_reload_success",
+    "vhostd_reload_timestamp_seconds",
 )
 """Every vhostd metric family (histograms by base name); process_* come on top."""
 
@@ -194,6 +196,17 @@ class DaemonCollector(Collector):
             "vhostd_up",
             "1 while every port listens, dials or has a front-end (as /healthz).",
             value=1 if healthy(self.daemon) else 0,
+        )
+        reload = self.daemon.reload_status
+        yield GaugeMetricFamily(
+            "vhostd_reload_success",
+            "0 while the last reload (SIGHUP, vhostd reload) stands refused, else 1.",
+            value=1 if reload.success else 0,
+        )
+        yield GaugeMetricFamily(
+            "vhostd_reload_timestamp_seconds",
+            "Unix time of the last reload attempt (of start-up before any).",
+            value=reload.timestamp,
         )
 
     def _ports(self, ports: list[Port]) -> Iterator[Metric]:

@@ -10,10 +10,8 @@ belong to the port so that they survive a reconnect.
 from __future__ import annotations
 
 import errno
-import grp
 import logging
 import os
-import pwd
 import socket
 from typing import TYPE_CHECKING
 
@@ -24,6 +22,15 @@ from protocol import FrontendRequest, VirtioFeature
 from .channel import Channel
 from .config import PortConfig, PortMode
 from .net import BASE_FEATURES, Frame
+from .runtime import (
+    FileId,
+    SetupError,
+    chown_problem,
+    claim_socket_path,
+    remove_own_socket,
+    resolve_owner,
+    user_name,
+)
 from .session import MISS_TIMEOUT, Session
 from .source import Source
 from .stats import PortStats
@@ -62,6 +69,8 @@ class Port:
         """Seconds a MISS may stay unanswered; tests shorten it, sessions copy it."""
         self.listener: trio.socket.SocketType | None = None
         self._inherited = False
+        self._created: FileId | None = None
+        """The socket file this port bound (removed at close only if still that file)."""
         self._forward: Callable[[Session, Frame], None] = {
             PortMode.SWITCH: self._to_switch,
             PortMode.REFLECT: self._reflect,
@@ -136,7 +145,12 @@ class Port:
     # -- sockets -------------------------------------------------------------
 
     def listen(self, inherited: socket.socket | None = None) -> None:
-        """Bind the port's socket now, so errors show before the daemon is ready."""
+        """Bind the port's socket now, so errors show before the daemon is ready.
+
+        SetupError (one line: this port, the path, the fix) when the path is not
+        ours to take (see ``runtime.claim_socket_path``) or the socket cannot be
+        made as configured; nothing is left behind then.
+        """
         if self.config.client:
             return
         if inherited is not None:
@@ -145,29 +159,38 @@ class Port:
             self._inherited = True
             return
         path = self.config.socket
+        who = f"port {self.name}"
+        uid, gid = resolve_owner(self.config.owner, self.config.group, who)
+        claim_socket_path(path, who)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        created: FileId | None = None
         try:
             try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            sock.bind(path)
-            os.chmod(path, self.config.socket_mode)
-            self._chown(path)
+                sock.bind(path)
+                created = FileId.of(path)
+                os.chmod(path, self.config.socket_mode)
+            except OSError as exc:
+                fix = "fix socket="
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    fix = f"make {os.path.dirname(path)} writable for user {user_name()} or {fix}"
+                problem = f"{who}: cannot create socket {path}: {exc.strerror}: {fix}"
+                raise SetupError(problem) from None
+            if uid != -1 or gid != -1:
+                try:
+                    os.chown(path, uid, gid)
+                except OSError as exc:
+                    raise SetupError(
+                        chown_problem(who, path, self.config.owner, self.config.group, exc)
+                    ) from None
             sock.listen(4)
         except BaseException:
             sock.close()
+            if created is not None:
+                remove_own_socket(path, created)
             raise
         sock.setblocking(False)
         self.listener = trio.socket.from_stdlib_socket(sock)
-
-    def _chown(self, path: str) -> None:
-        owner, group = self.config.owner, self.config.group
-        if owner is None and group is None:
-            return
-        uid = pwd.getpwnam(owner).pw_uid if owner else -1
-        gid = grp.getgrnam(group).gr_gid if group else -1
-        os.chown(path, uid, gid)
+        self._created = created
 
     async def serve(self) -> None:
         """Accept (or dial) front-ends forever, one session at a time."""
@@ -220,16 +243,17 @@ class Port:
             log.info("%s: front-end disconnected", self.name)
 
     def close(self) -> None:
-        """Stop serving and remove the socket file (unless systemd owns it)."""
+        """Stop serving and remove the socket file if this port created it.
+
+        A socket systemd passed stays; so does whatever replaced ours at the path.
+        """
         self.cancel_scope.cancel()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-            if not self._inherited:
-                try:
-                    os.unlink(self.config.socket)
-                except OSError:
-                    pass
+        if self._created is not None:
+            remove_own_socket(self.config.socket, self._created)
+            self._created = None
 
 
 def _drop(session: Session, frame: Frame) -> None:

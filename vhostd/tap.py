@@ -3,10 +3,19 @@
 Frames the kernel sends out of the TAP interface enter the switch; frames
 the switch sends to the uplink are written to the TAP fd. No offloads are
 negotiated (no IFF_VNET_HDR), matching what the guests are offered.
+
+The interface is persistent (TUNSETPERSIST): it outlives the daemon's fd, so a
+restart attaches to the same device and the host's addresses, bridge
+membership and MAC stay. A TAP that already exists (``ip tuntap add dev NAME
+mode tap [user U]``, or one vhostd made before) is attached to as it is. vhostd
+deletes only a TAP it created itself, and only when the configuration no
+longer has it (a reload that removes it, or the next start): the names it
+created are kept in :class:`CreatedTaps`, a file next to the control socket.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -16,19 +25,135 @@ import struct
 import trio
 
 from .net import Frame
+from .runtime import SetupError, user_name
 from .switch import Switch
 
 log = logging.getLogger(__name__)
 
+TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+TUNGETIFF = 0x800454D2
 IFF_TAP = 0x0002
+IFF_PERSIST = 0x0800
 IFF_NO_PI = 0x1000
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
+SIOCGIFMTU = 0x8921
 SIOCSIFMTU = 0x8922
 IFF_UP = 0x1
+IFREQ_SIZE = 40  # sizeof(struct ifreq)
 READ_BURST = 64
 MAX_FRAME = 65536
+
+
+def _attach(name: str) -> tuple[int, bool]:
+    """An fd attached to TAP ``name`` (created if missing) and whether it was created.
+
+    A created TAP is made persistent at once; one that existed is left as it was.
+    """
+    who = f"tap {name}"
+    try:
+        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SetupError(
+            f"{who}: {TUN_DEVICE} does not exist: load the tun module (modprobe tun); under "
+            f"systemd allow it (DeviceAllow={TUN_DEVICE} rw)"
+        ) from None
+    except OSError as exc:
+        raise SetupError(f"{who}: cannot open {TUN_DEVICE}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+        except OSError as exc:
+            raise SetupError(_attach_problem(name, exc)) from None
+        got = fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ_SIZE))
+        created = not struct.unpack_from("16sH", got)[1] & IFF_PERSIST
+        if created:
+            # Not persistent means nobody else had it: this fd just created it.
+            fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, created
+
+
+def _attach_problem(name: str, exc: OSError) -> str:
+    who = f"tap {name}"
+    if exc.errno == errno.EPERM:
+        return (
+            f"{who}: not permitted to create or attach it (user {user_name()} lacks "
+            "CAP_NET_ADMIN): grant it (systemd: AmbientCapabilities=CAP_NET_ADMIN) or "
+            f"pre-create the TAP for this user: ip tuntap add dev {name} mode tap "
+            f"user {user_name()}"
+        )
+    if exc.errno == errno.EBUSY:
+        return (
+            f"{who}: busy: another process has it open (another vhostd? a QEMU?): stop it or "
+            "fix the tap's name="
+        )
+    if exc.errno == errno.EINVAL:
+        return (
+            f"{who}: an interface {name} exists and is not a single-queue TAP "
+            f"(ip -d link show {name}): remove it or fix the tap's name="
+        )
+    return f"{who}: cannot create or attach it: {exc.strerror}"
+
+
+def delete_tap(name: str) -> None:
+    """Delete a persistent TAP (one vhostd created) that no fd holds; OSError says why not."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return  # already gone (a reboot, or the administrator)
+    fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+        fcntl.ioctl(fd, TUNSETPERSIST, 0)
+    finally:
+        os.close(fd)
+
+
+class CreatedTaps:
+    """The TAPs this vhostd created, one name a line in a file that survives restarts.
+
+    ``/run`` and TAPs both go at reboot, so the file lives as long as what it lists.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.names = {line.strip() for line in f if line.strip()}
+        except FileNotFoundError:
+            self.names = set()
+        except OSError as exc:
+            log.warning("cannot read %s: %s", path, exc.strerror)
+            self.names = set()
+
+    def add(self, name: str) -> None:
+        if name not in self.names:
+            self.names.add(name)
+            self._save()
+
+    def discard(self, name: str) -> None:
+        if name in self.names:
+            self.names.discard(name)
+            self._save()
+
+    def _save(self) -> None:
+        try:
+            if not self.names:
+                os.unlink(self.path)
+                return
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(f"{n}\n" for n in sorted(self.names)))
+            os.replace(tmp, self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc.strerror)
 
 
 class TapUplink:
@@ -39,27 +164,49 @@ class TapUplink:
         self.switch = switch
         self.mtu = mtu
         self.fd = -1
+        self.created = False
+        """This uplink's open() created the interface (it did not exist before)."""
         self.rx_packets = self.rx_bytes = 0
         self.tx_packets = self.tx_bytes = 0
         self.tx_dropped = 0
+        self.cancel_scope = trio.CancelScope()
 
     def open(self) -> None:
-        """Create (or attach to) the interface and bring it up."""
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        """Create (or attach to) the interface and bring it up; SetupError says why not."""
+        fd, created = _attach(self.name)
         try:
-            ifr = struct.pack("16sH", self.name.encode(), IFF_TAP | IFF_NO_PI)
-            fcntl.ioctl(fd, TUNSETIFF, ifr)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
-                if self.mtu is not None:
-                    fcntl.ioctl(ctl, SIOCSIFMTU, struct.pack("16si", self.name.encode(), self.mtu))
-                got = fcntl.ioctl(ctl, SIOCGIFFLAGS, struct.pack("16sH", self.name.encode(), 0))
-                flags = struct.unpack_from("16sH", got)[1] | IFF_UP
-                fcntl.ioctl(ctl, SIOCSIFFLAGS, struct.pack("16sH", self.name.encode(), flags))
+            self._configure()
         except BaseException:
+            if created:
+                _unpersist(fd, self.name)
             os.close(fd)
             raise
-        self.fd = fd
-        log.info("tap %s: up", self.name)
+        self.fd, self.created = fd, created
+        log.info("tap %s: up (%s)", self.name, "created" if created else "attached")
+
+    def _configure(self) -> None:
+        """MTU and IFF_UP, each set only when it differs: an up TAP pre-created with
+        the right MTU needs no CAP_NET_ADMIN."""
+        name = self.name.encode()
+        step = "bring it up"
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
+                if self.mtu is not None:
+                    got = fcntl.ioctl(ctl, SIOCGIFMTU, struct.pack("16si", name, 0))
+                    if struct.unpack_from("16si", got)[1] != self.mtu:
+                        step = f"set its mtu to {self.mtu}"
+                        fcntl.ioctl(ctl, SIOCSIFMTU, struct.pack("16si", name, self.mtu))
+                got = fcntl.ioctl(ctl, SIOCGIFFLAGS, struct.pack("16sH", name, 0))
+                flags = struct.unpack_from("16sH", got)[1]
+                if not flags & IFF_UP:
+                    step = "bring it up"
+                    fcntl.ioctl(ctl, SIOCSIFFLAGS, struct.pack("16sH", name, flags | IFF_UP))
+        except OSError as exc:
+            fix = (
+                f"grant CAP_NET_ADMIN or do it beforehand (ip link set {self.name} "
+                f"{'mtu ' + str(self.mtu) + ' ' if self.mtu is not None else ''}up)"
+            )
+            raise SetupError(f"tap {self.name}: cannot {step}: {exc.strerror}: {fix}") from None
 
     def send(self, frame: Frame) -> None:
         """Switch -> kernel. A full TAP queue drops the frame (and counts it)."""
@@ -75,7 +222,11 @@ class TapUplink:
         """Writes are already visible to the kernel."""
 
     async def serve(self) -> None:
-        """Kernel -> switch, a burst per wake-up."""
+        """Kernel -> switch, a burst per wake-up, until close()."""
+        with self.cancel_scope:
+            await self._serve()
+
+    async def _serve(self) -> None:
         fd, switch = self.fd, self.switch
         buf = bytearray(MAX_FRAME)
         view = memoryview(buf)
@@ -98,11 +249,25 @@ class TapUplink:
         finally:
             switch.detach(self)
 
-    def close(self) -> None:
+    def close(self, *, delete: bool = False) -> None:
+        """Detach. The interface stays (persistent) unless ``delete``: then it goes
+        with this fd, but only if nothing else still holds it."""
+        self.cancel_scope.cancel()
         if self.fd >= 0:
+            if delete:
+                _unpersist(self.fd, self.name)
             try:
                 trio.lowlevel.notify_closing(self.fd)
             except RuntimeError:
                 pass
             os.close(self.fd)
             self.fd = -1
+            if delete:
+                log.info("tap %s: deleted", self.name)
+
+
+def _unpersist(fd: int, name: str) -> None:
+    try:
+        fcntl.ioctl(fd, TUNSETPERSIST, 0)
+    except OSError as exc:
+        log.warning("tap %s: cannot make it non-persistent: %s; it stays", name, exc.strerror)

@@ -494,9 +494,9 @@ def test_sighup_adds_and_removes_ports_without_touching_a_running_one(
 # -- check-config -----------------------------------------------------------------
 
 
-def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+def check_config(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "vhostd", "check-config", str(path)],
+        [sys.executable, "-m", "vhostd", "check-config", *extra, str(path)],
         capture_output=True, text=True, cwd=REPO, timeout=30,
     )  # fmt: skip
 
@@ -537,7 +537,8 @@ def test_check_config_cli(tmp_path: Path) -> None:
         assert len(lines) == len(wanted), (name, done.stdout)
         for line, want in zip(lines, wanted, strict=True):
             assert line.startswith(f"{tmp_path}/{want}"), (name, line, want)
-    done = check_config(REPO / "systemd" / "vhostd.toml.example")
+    # The file alone: this machine need not have /run/vhostd (test_operations checks the system).
+    done = check_config(REPO / "systemd" / "vhostd.toml.example", "--syntax-only")
     assert done.returncode == 0 and done.stdout.strip().endswith(": OK"), done
     missing = check_config(tmp_path / "absent.toml")
     assert missing.returncode == 2 and "absent.toml" in missing.stderr, missing
