@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
-from protocol import VirtioFeature
+from protocol import FrontendRequest, VirtioFeature, VringState
 from tests.daemon import REPO, VhostdProcess, port_config, serving
-from tests.vusim.frontend import Frontend
-from vhostd.control import fetch, flag_names, format_status, snapshot
+from tests.vusim.frontend import BackendNack, Frontend
+from vhostd import buildinfo
+from vhostd.control import fetch, flag_names, format_fdb, format_status, snapshot
 from vhostd.runtime import SetupError
 
 
@@ -172,3 +175,109 @@ def test_vhostd_status_cli_against_a_daemon_process(tmp_sock_dir: Path, tmp_path
         check=False,
     )
     assert gone.returncode == 1 and "cannot read status" in gone.stderr
+
+
+def test_status_names_guest_macs_the_fdb_and_the_last_error(tmp_sock_dir: Path) -> None:
+    """Per port: the guest's MAC (learnt, or from SEND_RARP), the last error with its
+    time, memory faults, offered features by name; the switch's MAC table with ages."""
+    a, b = tmp_sock_dir / "a.sock", tmp_sock_dir / "b.sock"
+    mac_a, mac_b = bytes.fromhex("52540000000a"), bytes.fromhex("52540000000b")
+
+    async def main() -> None:
+        async with (
+            serving(
+                port_config(a, queue_pairs=1),
+                port_config(b, "sink", queue_pairs=1),
+                control_socket=str(tmp_sock_dir / "c.sock"),
+            ) as d,
+            Frontend.connect(str(a)) as fa,
+            Frontend.connect(str(b)) as fb,
+        ):
+            await fa.net_setup()
+            await fb.net_setup()
+            pa, pb = snapshot(d)["ports"]
+            assert (pa["mac"], pa["macs"], pb["mac"]) == (None, [], None)
+            assert pa["last_error"] is None and pa["memory_faults"] == 0
+            assert "VERSION_1" in pa["offered_feature_names"]
+            assert "NET_MQ" not in pa["offered_feature_names"]
+
+            frame = b"\xff" * 6 + mac_a + b"\x08\x00" + bytes(46)
+            assert len(await fa.send_frames(1, [frame])) == 1
+            await fb.send_rarp(mac_b)  # sink mode: nothing is learnt, RARP says it
+            with pytest.raises(BackendNack):
+                await fb._ack(FrontendRequest.SET_VRING_NUM, VringState(0, 3))
+            d.ports["b"].stats.memory_faults += 1  # as the SIGBUS guard counts one
+            snap = snapshot(d)
+            pa, pb = snap["ports"]
+            assert (pa["mac"], pa["macs"]) == ("52:54:00:00:00:0a", ["52:54:00:00:00:0a"])
+            assert (pb["mac"], pb["macs"]) == ("52:54:00:00:00:0b", [])
+            err = pb["last_error"]
+            assert err["kind"] == "bad_vring_num"
+            assert (
+                err["message"] == "SET_VRING_NUM refused: vring size 3 is not a power of 2 <= 32768"
+            )
+            assert abs(err["time"] - time.time()) < 60 and 0 <= err["age_seconds"] < 60
+            assert pb["memory_faults"] == 1
+            (entry,) = snap["fdb"]
+            assert entry["mac"] == "52:54:00:00:00:0a" and entry["port"] == "a"
+            assert entry["kind"] == "port" and 0 <= entry["age_seconds"] < 60
+            assert snap["build"] == {
+                "version": buildinfo.version(),
+                "python": platform.python_version(),
+                "native": buildinfo.native(),
+            }
+
+            text = format_status(snap)
+            row_a, row_b = text.splitlines()[3:5]
+            assert "52:54:00:00:00:0a" in row_a.split() and "52:54:00:00:00:0b" in row_b.split()
+            assert row_b.split()[8] == "2"  # ERRORS: the refused request and the memory fault
+            assert "  guest MAC: 52:54:00:00:00:0b" in text
+            assert "bad_vring_num: SET_VRING_NUM refused: vring size 3" in text
+            assert "memory_faults=1" in text
+            fdb = format_fdb(snap).splitlines()
+            assert fdb[0].split() == ["MAC", "PORT", "AGE"]
+            assert fdb[1].split()[:2] == ["52:54:00:00:00:0a", "a"]
+            assert fdb[2] == "1 of at most 4096 entries"
+
+        # The connection is gone: its MACs go, the last error stays.
+        (_, pb) = snapshot(d)["ports"]
+        assert pb["mac"] is None and pb["last_error"]["kind"] == "bad_vring_num"
+        assert snapshot(d)["fdb"] == []
+
+    trio.run(main)
+
+
+def test_version_and_fdb_on_the_command_line(tmp_sock_dir: Path, tmp_path: Path) -> None:
+    version = subprocess.run(
+        [sys.executable, "-m", "vhostd", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+        check=False,
+    )
+    assert version.returncode == 0, version.stderr
+    assert version.stdout == f"{buildinfo.describe()}\n"
+    assert version.stdout.startswith(f"vhostd {buildinfo.version()} (Python ")
+    assert buildinfo.version() != "unknown"  # the package metadata is installed
+
+    sock, ctl = tmp_sock_dir / "vm1.sock", tmp_sock_dir / "control.sock"
+    args = ["--socket", str(sock), "--control-socket", str(ctl)]
+    with VhostdProcess(args, tmp_path / "vhostd.log").start(wait_for=[sock, ctl]):
+
+        def run(*extra: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "vhostd", *extra, "--control-socket", str(ctl)],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                timeout=30,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert run("fdb").splitlines() == ["MAC  PORT  AGE", "0 of at most 4096 entries"]
+        assert json.loads(run("fdb", "--json")) == []
+        both = run("status", "--fdb")
+        assert "VRING" in both and both.endswith("0 of at most 4096 entries\n")

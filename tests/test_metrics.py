@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+import re
 import socket
 import subprocess
 import time
@@ -13,11 +15,12 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.daemon import VhostdProcess, port_config, serving
+from tests.daemon import REPO, VhostdProcess, port_config, serving
 from tests.e2e.vhostd_status import metrics_target
 from tests.lab.fixtures import require_binary
 from tests.lab.prometheus import Prometheus
 from tests.vusim.frontend import Frontend
+from vhostd import buildinfo
 from vhostd.config import MetricsConfig
 from vhostd.daemon import Daemon
 from vhostd.metrics import METRIC_NAMES
@@ -115,6 +118,14 @@ def _one(items: list[Sample], suffix: str) -> Sample:
     return s
 
 
+FAMILY_LABELS = {
+    "vhostd_port_info": {"socket", "mode"},
+    "vhostd_build_info": {"version", "python", "native"},
+    "vhostd_port_warning": {"code"},
+}
+"""Labels beyond the common ones that a family may carry."""
+
+
 def test_names_follow_prometheus_conventions(tmp_sock_dir: Path) -> None:
     async def main() -> None:
         async with serving(
@@ -139,9 +150,11 @@ def test_names_follow_prometheus_conventions(tmp_sock_dir: Path) -> None:
                 if "seconds" in s.name or "bytes" in s.name:
                     assert f.type in ("counter", "gauge", "histogram")
                 assert set(s.labels) <= {"port", "queue", "direction", "kind", "tap", "le"} | (
-                    {"socket", "mode"} if f.name == "vhostd_port_info" else set()
+                    FAMILY_LABELS.get(f.name, set())
                 )
         assert value(text, "vhostd_protocol_errors_total", port="a", kind="bad_size") == 1
+        build = {"version": buildinfo.version(), "python": platform.python_version()}
+        assert value(text, "vhostd_build_info", native=buildinfo.native(), **build) == 1
         # Every configured queue has series before any traffic (rate() needs a zero).
         pkts = [k for k in samples(text) if k[0] == "vhostd_queue_packets_total"]
         assert len(pkts) == 4
@@ -308,3 +321,17 @@ def watch(prom: Prometheus, timeout: float = 40.0) -> None:
     assert len(buckets) == 13
     ((_, count),) = prom.query('vhostd_iotlb_miss_service_seconds_count{port="vm1"}')
     assert count > 0
+
+
+def test_readme_table_lists_every_metric() -> None:
+    """Every family in METRIC_NAMES is in README's metrics table (``{a,b}`` expanded)."""
+    readme = (REPO / "README.md").read_text()
+    listed: set[str] = set()
+    for row in re.findall(r"^\| (.+?) \| .+ \|$", readme, re.M):
+        for name in re.findall(r"`(vhostd_[^`]+)`", row):
+            name = re.sub(r"\{[a-z_,]*=?[^}]*\}$", "", name)  # labels: {port,code}
+            brace = re.search(r"\{([a-z_,]+)\}", name)
+            parts = brace.group(1).split(",") if brace else [""]
+            for part in parts:
+                listed.add(name[: brace.start()] + part + name[brace.end() :] if brace else name)
+    assert set(METRIC_NAMES) <= listed, set(METRIC_NAMES) - listed

@@ -38,7 +38,10 @@ from .runtime import EX_CONFIG, SetupError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .buildinfo import describe
+
     parser = argparse.ArgumentParser(prog="vhostd", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=describe())
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="serve vhost-user ports")
@@ -104,7 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, metavar="S", help="wait this long for the result"
     )
 
+    fdb = sub.add_parser("fdb", help="show the switch's MAC table: MAC, port, age")
+    fdb.add_argument("--json", action="store_true", help="print the entries as JSON")
+    fdb.add_argument("--control-socket", metavar="PATH", help="as for status")
+    fdb.add_argument("--config", metavar="FILE", help="as for status")
+
     status = sub.add_parser("status", help="show a running daemon's ports and counters")
+    status.add_argument("--fdb", action="store_true", help="also list the switch's MAC table")
     status.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
     _control_socket_args(status)
     return parser
@@ -153,11 +162,9 @@ def _run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"vhostd: {problem}", file=sys.stderr)
         return EX_CONFIG
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from .logs import setup_logging
+
+    setup_logging(config.log_level)  # the journal's <N> priorities, or time and level
     if not config.ports:
         print("vhostd: no ports: give --socket PATH or a --config file", file=sys.stderr)
         return EX_CONFIG
@@ -219,7 +226,7 @@ def _control_socket(args: argparse.Namespace) -> str:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from .control import fetch, format_status
+    from .control import fetch, format_fdb, format_status
 
     path = _control_socket(args)
     try:
@@ -227,10 +234,17 @@ def _status(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"vhostd: cannot read status from {path}: {exc}", file=sys.stderr)
         return 1
-    if args.json:
+    if args.command == "fdb":
+        if args.json:
+            print(json.dumps(snap.get("fdb", []), indent=2))
+        else:
+            sys.stdout.write(format_fdb(snap))
+    elif args.json:
         print(json.dumps(snap, indent=2))
     else:
         sys.stdout.write(format_status(snap))
+        if args.fdb:
+            sys.stdout.write("\n" + format_fdb(snap))
     return 0
 
 
@@ -246,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
-    if args.command == "status":
+    if args.command in ("status", "fdb"):
         return _status(args)
     if args.command == "reload":
         return _reload(args)

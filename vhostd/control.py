@@ -18,6 +18,8 @@ JSON keys (``version`` changes only when a key is renamed or removed):
 - ``version`` (1), ``pid``, ``uptime_seconds``, ``metrics`` (``"http://HOST:PORT"``
   of the Prometheus endpoint, or null), ``healthy`` (every port listening,
   dialing or connected).
+- ``build``: ``version`` (the package's), ``python``, ``native`` (``c`` or
+  ``python``: which data path sessions use), as ``vhostd --version`` says.
 - ``ports``: list, one object per port:
 
   - ``name``, ``socket``, ``mode`` (switch/reflect/sink/source), ``client`` (bool: vhostd
@@ -27,10 +29,22 @@ JSON keys (``version`` changes only when a key is renamed or removed):
     (negotiated, hex strings; ``"0x0"`` when no front-end), ``feature_names`` and
     ``protocol_feature_names`` (lists of names such as ``"VERSION_1"``,
     ``"bit_N"`` for a bit without a name); ``device_status`` (int) and
-    ``device_status_names``.
+    ``device_status_names``; ``offered_feature_names``.
+  - ``mac``: the guest's MAC address (``"52:54:00:12:34:56"``) as SEND_RARP
+    announced it, else the one the switch learnt most recently from its frames,
+    else null; ``macs``: every MAC the switch has learnt on this port (a guest
+    may bridge several), youngest first.
+  - ``warnings``: what looks wrong with the connection although nothing failed,
+    each ``{"code", "message", "since"}`` (``since``: Unix time); codes
+    ``no_memory_table`` and ``rings_not_moving`` (guest memory not shared, see
+    :mod:`vhostd.diagnosis`). Empty without a front-end.
   - ``connections``, ``disconnects``, ``requests``, ``rx_not_ready`` (frames for
-    this guest dropped because none of its RX rings was ready).
+    this guest dropped because none of its RX rings was ready), ``memory_faults``
+    (connections closed because guest memory vanished).
   - ``protocol_errors`` and ``queue_faults``: ``{kind: count}``.
+  - ``last_error``: the newest protocol error, queue fault or memory fault, kept
+    across reconnects: ``{"time"`` (Unix time), ``"age_seconds", "kind",
+    "message"}``, or null.
   - ``vrings``: one object per vring (``2 * queue_pairs``; vring ``2n`` is queue
     pair ``n``'s RX, ``2n+1`` its TX, directions as the guest sees them):
     ``index``, ``queue_pair``, ``direction`` (``rx``/``tx``), ``size``,
@@ -47,6 +61,9 @@ JSON keys (``version`` changes only when a key is renamed or removed):
 
 - ``switch``: ``mac_entries``, ``mac_table_size``, ``flooded``, ``forwarded``,
   ``filtered``.
+- ``fdb``: the switch's MAC table (``vhostd fdb``), youngest first: ``mac``,
+  ``port`` (a port's or a TAP's name), ``kind`` (``port`` or ``tap``),
+  ``age_seconds`` (since a frame from that MAC was last seen there).
 - ``taps``: list of ``name``, ``rx_packets``, ``rx_bytes``, ``tx_packets``,
   ``tx_bytes``, ``tx_dropped`` (rx: kernel to switch; tx: switch to kernel).
 """
@@ -66,12 +83,14 @@ import trio
 
 from protocol import DeviceStatus, ProtocolFeature, VirtioFeature
 
+from . import buildinfo
 from .iotlb import IotlbStats
 from .net import QueueStats
 
 if TYPE_CHECKING:
     from .daemon import Daemon
     from .port import Port
+    from .switch import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +196,28 @@ def _iotlb(port: Port) -> dict[str, Any]:
     return out
 
 
-def port_snapshot(port: Port) -> dict[str, Any]:
-    """One port's entry in the snapshot."""
+def mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def _last_error(port: Port) -> dict[str, Any] | None:
+    err = port.stats.last_error
+    if err is None:
+        return None
+    return {
+        "time": round(err.time, 3),
+        "age_seconds": round(max(0.0, time.time() - err.time), 3),
+        "kind": err.kind,
+        "message": err.message,
+    }
+
+
+def port_snapshot(port: Port, learnt: dict[Endpoint, list[str]] | None = None) -> dict[str, Any]:
+    """One port's entry in the snapshot; ``learnt``: the switch's MACs by endpoint."""
     session = port.session
+    macs = (learnt or {}).get(session, []) if session is not None else []
+    rarp = session.rarp_mac if session is not None else None
+    findings = session.diagnosis.findings.values() if session is not None else ()
     stats = port.stats
     features = session.features if session is not None else 0
     protocol = session.protocol_features if session is not None else 0
@@ -210,14 +248,22 @@ def port_snapshot(port: Port) -> dict[str, Any]:
         "feature_names": flag_names(features, VirtioFeature),
         "protocol_features": hex(protocol),
         "protocol_feature_names": flag_names(protocol, ProtocolFeature),
+        "offered_feature_names": flag_names(port.offered_features(), VirtioFeature),
         "device_status": status,
         "device_status_names": flag_names(status, DeviceStatus),
+        "mac": mac_text(rarp) if rarp is not None else (macs[0] if macs else None),
+        "macs": macs,
+        "warnings": [
+            {"code": f.code, "message": f.message, "since": round(f.since, 3)} for f in findings
+        ],
         "connections": stats.connections,
         "disconnects": stats.disconnects,
         "requests": stats.requests,
         "rx_not_ready": stats.rx_not_ready,
+        "memory_faults": stats.memory_faults,
         "protocol_errors": dict(sorted(stats.protocol_errors.items())),
         "queue_faults": dict(sorted(stats.queue_faults.items())),
+        "last_error": _last_error(port),
         "vrings": vrings,
         "totals": totals,
         "iotlb": _iotlb(port),
@@ -228,14 +274,24 @@ def snapshot(daemon: Daemon, now: float | None = None) -> dict[str, Any]:
     """Everything ``vhostd status`` shows, as plain JSON-able data."""
     now = time.monotonic() if now is None else now
     switch = daemon.switch
+    taps = {id(t) for t in daemon.taps}
+    fdb = switch.entries(now)
+    learnt: dict[Endpoint, list[str]] = {}
+    for mac, endpoint, _ in fdb:
+        learnt.setdefault(endpoint, []).append(mac_text(mac))
     return {
         "version": SNAPSHOT_VERSION,
+        "build": {
+            "version": buildinfo.version(),
+            "python": buildinfo.python_version(),
+            "native": buildinfo.native(),
+        },
         "pid": os.getpid(),
         "uptime_seconds": round(now - daemon.started_at, 3),
         "metrics": daemon.metrics_url,
         "healthy": healthy(daemon),
         "reload": daemon.reload_status.snapshot(),
-        "ports": [port_snapshot(p) for p in daemon.ports.values()],
+        "ports": [port_snapshot(p, learnt) for p in daemon.ports.values()],
         "switch": {
             "mac_entries": switch.mac_entries,
             "mac_table_size": switch.table_size,
@@ -253,6 +309,15 @@ def snapshot(daemon: Daemon, now: float | None = None) -> dict[str, Any]:
                 "tx_dropped": t.tx_dropped,
             }
             for t in daemon.taps
+        ],
+        "fdb": [
+            {
+                "mac": mac_text(mac),
+                "port": endpoint.name,
+                "kind": "tap" if id(endpoint) in taps else "port",
+                "age_seconds": round(age, 1),
+            }
+            for mac, endpoint, age in fdb
         ],
     }
 
@@ -357,15 +422,35 @@ def _table(rows: list[list[str]], indent: str = "") -> list[str]:
     ]
 
 
+def _errors(p: dict[str, Any]) -> int:
+    counts = [*p["protocol_errors"].values(), *p["queue_faults"].values()]
+    return sum(int(n) for n in counts) + int(p.get("memory_faults", 0))
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
 def format_status(snap: dict[str, Any]) -> str:
     """The human-readable ``vhostd status`` output."""
+    warned = [p["name"] for p in snap["ports"] if p.get("warnings")]
+    build = snap.get("build")
     lines = [
-        f"vhostd pid {snap['pid']}, up {snap['uptime_seconds']:.0f}s, "
+        f"vhostd pid {snap['pid']}"
+        + (f" ({build['version']}, data path {build['native']})" if build else "")
+        + f", up {snap['uptime_seconds']:.0f}s, "
         f"{'healthy' if snap['healthy'] else 'NOT healthy'}"
+        + (f", WARNINGS on {', '.join(warned)}" if warned else "")
         + (f", metrics {snap['metrics']}" if snap.get("metrics") else ""),
         "",
     ]
-    rows = [["PORT", "STATE", "MODE", "QP", "FEATURES", "STATUS", "CONN", "ERRORS", "SOCKET"]]
+    rows = [
+        ["PORT", "STATE", "MODE", "QP", "FEATURES", "STATUS", "MAC", "CONN", "ERRORS", "SOCKET"]
+    ]
     for p in snap["ports"]:
         rows.append(
             [
@@ -375,17 +460,31 @@ def format_status(snap: dict[str, Any]) -> str:
                 str(p["queue_pairs"]),
                 p["features"],
                 "|".join(p["device_status_names"]) or "-",
+                p.get("mac") or "-",
                 str(p["connections"]),
-                str(sum(p["protocol_errors"].values()) + sum(p["queue_faults"].values())),
+                str(_errors(p)),
                 p["socket"],
             ]
         )
     lines += _table(rows)
     for p in snap["ports"]:
         lines += ["", f"port {p['name']}:"]
+        for w in p.get("warnings", []):
+            lines.append(f"  WARNING ({w['code']}): {w['message']}")
         if p["connected"]:
+            mac, macs = p.get("mac"), p.get("macs") or []
+            if mac:
+                others = f" (learnt here: {' '.join(macs)})" if macs and macs != [mac] else ""
+                lines.append(f"  guest MAC: {mac}{others}")
             lines.append(f"  features: {' '.join(p['feature_names']) or '-'}")
             lines.append(f"  protocol features: {' '.join(p['protocol_feature_names']) or '-'}")
+        err = p.get("last_error")
+        if err:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(err["time"]))
+            lines.append(
+                f"  last error: {stamp} ({_age(err['age_seconds'])} ago) "
+                f"{err['kind']}: {err['message']}"
+            )
         vrows = [
             [
                 "VRING",
@@ -435,6 +534,8 @@ def format_status(snap: dict[str, Any]) -> str:
                 f"{io['access_failures']} access failures"
             )
         problems = {**p["protocol_errors"], **p["queue_faults"]}
+        if p.get("memory_faults"):
+            problems["memory_faults"] = p["memory_faults"]
         if problems:
             lines.append("  errors: " + ", ".join(f"{k}={n}" for k, n in problems.items()))
     sw = snap["switch"]
@@ -449,3 +550,17 @@ def format_status(snap: dict[str, Any]) -> str:
             f"tx {t['tx_packets']} pkts {t['tx_bytes']} B, {t['tx_dropped']} dropped"
         )
     return "\n".join(lines) + "\n"
+
+
+def format_fdb(snap: dict[str, Any]) -> str:
+    """The switch's MAC table as ``vhostd fdb`` prints it."""
+    entries = snap.get("fdb", [])
+    rows = [["MAC", "PORT", "AGE"]]
+    for e in entries:
+        where = e["port"] + (" (tap)" if e["kind"] == "tap" else "")
+        rows.append([e["mac"], where, f"{e['age_seconds']:.0f}s"])
+    sw = snap["switch"]
+    return (
+        "\n".join([*_table(rows), f"{len(entries)} of at most {sw['mac_table_size']} entries"])
+        + "\n"
+    )

@@ -37,6 +37,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from . import buildinfo
 from .control import healthy, iotlb_entries
 from .stats import Histogram
 
@@ -111,7 +112,9 @@ PORT_COUNTERS: tuple[tuple[str, str, str], ...] = (
 """(metric name without _total, PortStats attribute, help)."""
 
 METRIC_NAMES: tuple[str, ...] = (
+    "vhostd_build_info",
     "vhostd_port_info",
+    "vhostd_port_warning",
     "vhostd_frontend_connected",
     "vhostd_queue_pairs",
     "vhostd_negotiated_features",
@@ -187,6 +190,15 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         ports = list(self.daemon.ports.values())
+        yield InfoMetricFamily(
+            "vhostd_build",
+            "This vhostd: package version, Python version, data path (c or python).",
+            value={
+                "version": buildinfo.version(),
+                "python": buildinfo.python_version(),
+                "native": buildinfo.native(),
+            },
+        )
         yield from self._ports(ports)
         yield from self._queues(ports)
         yield from self._iotlb(ports)
@@ -241,6 +253,12 @@ class DaemonCollector(Collector):
         faults = CounterMetricFamily(
             "vhostd_queue_faults", "Rings stopped as broken, by kind.", labels=["port", "kind"]
         )
+        warnings = GaugeMetricFamily(
+            "vhostd_port_warning",
+            "1 for each warning on the port's connection (code: no_memory_table, "
+            "rings_not_moving: guest memory not shared), as vhostd status shows.",
+            labels=["port", "code"],
+        )
         for port in ports:
             name = [port.name]
             session = port.session
@@ -262,7 +280,9 @@ class DaemonCollector(Collector):
                 errors.add_metric([port.name, kind], n)
             for kind, n in sorted(port.stats.queue_faults.items()):
                 faults.add_metric([port.name, kind], n)
-        yield from (info, connected, pairs, features, protocol, status)
+            for code in session.diagnosis.findings if session is not None else ():
+                warnings.add_metric([port.name, code], 1)
+        yield from (info, connected, pairs, features, protocol, status, warnings)
         yield from counters
         yield from (errors, faults)
 

@@ -101,7 +101,7 @@ class RingLoop:
                 await trio.lowlevel.checkpoint()
                 continue
             await trio.lowlevel.wait_readable(kick)
-            drain(kick)
+            vring.kick_reads += drain(kick)
             stats.kicks += 1
             queue.suppress_kicks()
 

@@ -46,6 +46,7 @@ from protocol import (
 )
 
 from .channel import BackendChannel, Channel, close_fds
+from .diagnosis import Diagnosis
 from .fastpath import RxQueue, TxQueue
 from .guestmem import AccessError, GuestMemory
 from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbError, IotlbMiss
@@ -135,6 +136,10 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self.name = port.name
         self.closing = False
+        self.diagnosis = Diagnosis(port.name)
+        """What looks wrong with this connection (warnings in the log and in status)."""
+        self.rarp_mac: bytes | None = None
+        """The guest's MAC as SEND_RARP announced it (after a migration)."""
 
     # -- lifetime ----------------------------------------------------------
 
@@ -145,6 +150,7 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_memory)
+                nursery.start_soon(self.diagnosis.watch, self)
                 await self._read_main()
                 nursery.cancel_scope.cancel()
         finally:
@@ -159,6 +165,7 @@ class Session:
         """
         lost = await self.table.wait_lost()
         self.stats.memory_faults += 1
+        self.stats.note_error("memory_fault", f"guest memory region {', '.join(lost)} vanished")
         log.error(
             "%s: guest memory region %s vanished under the back-end (its memfd shrank; "
             "front-end is not sealing its memory): closing the connection",
@@ -180,6 +187,7 @@ class Session:
             except ProtocolError as exc:
                 close_fds(exc.fds)
                 self.stats.protocol_errors[exc.kind.value] += 1
+                self.stats.note_error(exc.kind.value, str(exc))
                 if exc.fatal:
                     log.error("%s: %s; closing the connection", self.name, exc)
                     return
@@ -208,6 +216,7 @@ class Session:
             ok = True
         except RequestFailed as exc:
             self.stats.protocol_errors[exc.kind] += 1
+            self.stats.note_error(exc.kind, f"{code.name} refused: {exc}")
             log.warning("%s: %s refused: %s", self.name, code.name, exc)
             if code in WITH_BODY:
                 raise
@@ -446,6 +455,7 @@ class Session:
         self._stop_vring(vring)
         close_fd(vring.kick)
         vring.kick = fd
+        vring.kick_reads = vring.kick_writes = 0
         self._start_vring(vring)
 
     def _set_vring_call(self, msg: Message) -> None:
@@ -464,10 +474,11 @@ class Session:
         vring = self._vring(payload.index)
         vring.enabled = bool(payload.num)
         self._update_rx_ready()
-        signal(vring.kick)
+        self._self_kick(vring)
 
     def _send_rarp(self, msg: Message) -> None:
         mac = _u64(msg).to_bytes(8, "little")[:6]
+        self.rarp_mac = mac
         frame = _RARP.pack(
             b"\xff" * 6, mac, 0x8035, 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4)
         )
@@ -588,11 +599,18 @@ class Session:
     def _kick_all(self) -> None:
         for vring in self.vrings:
             if vring.started:
-                signal(vring.kick)
+                self._self_kick(vring)
+
+    @staticmethod
+    def _self_kick(vring: Vring) -> None:
+        """Wake the ring's task as a kick would, counted as ours (not the guest's)."""
+        if signal(vring.kick):
+            vring.kick_writes += 1
 
     def _fail(self, vring: Vring, kind: str, detail: str) -> None:
         """Stop one broken ring; the rest of the port and the daemon go on."""
         self.stats.queue_faults[kind] += 1
+        self.stats.note_error(kind, f"vring {vring.index} stopped: {detail}")
         log.error("%s: vring %d stopped: %s", self.name, vring.index, detail)
         vring.failed = detail
         self.status |= DeviceStatus.DEVICE_NEEDS_RESET
@@ -653,7 +671,8 @@ class Session:
                 self._fail(vring, kind, str(exc))
                 return
         rx.enqueue(frame)
-        signal(vring.kick)
+        if signal(vring.kick):
+            vring.kick_writes += 1  # ours, not the guest's (diagnosis)
 
     def send_burst(self, burst: FrameBurst, start: int, swap: bool, end: int | None = None) -> int:
         """Deliver frames of ``burst`` from ``start`` on (up to ``end``) in C; returns how many.

@@ -7,6 +7,7 @@ Counters survive reconnects of the front-end: they belong to the port.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +33,17 @@ class Histogram:
         self.count += 1
 
 
+@dataclass(slots=True, frozen=True)
+class LastError:
+    """The newest protocol error, queue fault or memory fault of a port."""
+
+    time: float
+    """Unix time (wall clock, for people reading ``vhostd status``)."""
+    kind: str
+    """The metric label it was counted under (``bad_vring_addr``, ``head_out_of_range``...)."""
+    message: str
+
+
 @dataclass(slots=True)
 class PortStats:
     """What a port did since the daemon started."""
@@ -51,6 +63,12 @@ class PortStats:
     rx_not_ready: int = 0
     memory_faults: int = 0
     queues: dict[tuple[int, str], QueueStats] = field(default_factory=dict)
+    last_error: LastError | None = None
+    """Kept across reconnects: why the previous connection went wrong is worth seeing."""
+
+    def note_error(self, kind: str, message: str) -> None:
+        """Remember the newest error (its counter is counted where it happened)."""
+        self.last_error = LastError(time.time(), kind, message)
 
     def queue(self, index: int) -> QueueStats:
         """The counters of vring ``index`` (kept across reconnects)."""

@@ -155,6 +155,17 @@ class Switch:
                 ep.flush()
             touched.clear()
 
+    def entries(self, now: float | None = None) -> list[tuple[bytes, Endpoint, float]]:
+        """The MAC table as (MAC, endpoint, age in seconds), youngest first; aged-out
+        entries the periodic sweep has not removed yet are left out, as lookups do."""
+        now = time.monotonic() if now is None else now
+        live = [
+            (mac, ep, max(0.0, now - seen))
+            for mac, (ep, seen) in self._table.items()
+            if now - seen <= self.ageing
+        ]
+        return sorted(live, key=lambda entry: entry[2])
+
     def expire(self) -> int:
         """Drop entries older than the ageing time; returns how many went."""
         cutoff = time.monotonic() - self.ageing

@@ -32,12 +32,12 @@ def signal(fd: int | None) -> bool:
     return True
 
 
-def drain(fd: int) -> None:
-    """Consume an eventfd's count after it became readable."""
+def drain(fd: int) -> int:
+    """Consume an eventfd's count after it became readable; returns the count."""
     try:
-        os.read(fd, 8)
-    except (BlockingIOError, OSError):
-        pass
+        return int.from_bytes(os.read(fd, 8), "little")
+    except OSError:
+        return 0
 
 
 def close_fd(fd: int | None) -> None:
@@ -71,6 +71,11 @@ class Vring:
     tx: TxQueue | None = None
     rx: RxQueue | None = None
     scope: trio.CancelScope | None = field(default=None, repr=False)
+    kick_reads: int = 0
+    """The count read from the current kick fd so far (every write adds one)."""
+    kick_writes: int = 0
+    """Writes vhostd itself made to the current kick fd (to wake the ring's task);
+    the rest of ``kick_reads`` came from the front-end (see ``diagnosis``)."""
 
     @property
     def is_rx(self) -> bool:
