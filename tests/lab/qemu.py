@@ -70,6 +70,7 @@ class GuestConfig:
     reconnect: int | None = None  # client mode: reconnect after N s when the back-end goes
     queues: int = 1
     memory_mb: int = 512
+    shared_memory: bool = True  # False: share=off, a guest vhost-user cannot serve
     cpus: int = 1
     accel: str | None = None  # None: detect_accel()
     kernel_args: tuple[str, ...] = ()  # extra kernel command line words
@@ -220,7 +221,8 @@ class Guest:
             "-cpu", "host" if kvm else "max",
             "-smp", str(cfg.cpus),
             "-m", f"{cfg.memory_mb}M",
-            "-object", f"memory-backend-memfd,id=mem0,size={cfg.memory_mb}M,share=on",
+            "-object", f"memory-backend-memfd,id=mem0,size={cfg.memory_mb}M,"
+            f"share={'on' if cfg.shared_memory else 'off'}",
         ]  # fmt: skip
         if cfg.iommu is not None:
             # Must precede the devices it translates.
