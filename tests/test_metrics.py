@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +24,10 @@ from tests.lab.prometheus import Prometheus
 from tests.vusim.frontend import Frontend
 from vhostd import buildinfo
 from vhostd.config import MetricsConfig
+from vhostd.control import bind_control
 from vhostd.daemon import Daemon
 from vhostd.metrics import METRIC_NAMES
+from vhostd.runtime import EX_CONFIG, SetupError
 from vhostd.session import MISS_OUTSTANDING
 
 LOOPBACK_ANY = MetricsConfig("127.0.0.1:0")
@@ -192,22 +196,66 @@ def test_healthz_and_http_edges(tmp_sock_dir: Path) -> None:
     trio.run(main)
 
 
-def test_busy_metrics_port_is_not_fatal(tmp_sock_dir: Path) -> None:
+def test_busy_metrics_port_stops_the_start(tmp_sock_dir: Path) -> None:
+    """An explicitly configured listener that cannot be had is a start-up error (one
+    line), not a daemon that runs unobservable and calls itself healthy."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        busy = MetricsConfig(f"127.0.0.1:{taken.getsockname()[1]}")
+        where = f"127.0.0.1:{taken.getsockname()[1]}"
 
         async def main() -> None:
-            async with serving(
-                port_config(tmp_sock_dir / "a.sock"),
-                metrics=busy,
-                control_socket=str(tmp_sock_dir / "c.sock"),
-            ) as d:
-                assert d.metrics_address is None
-                assert d.ports["a"].listener is not None
+            with pytest.raises(BaseExceptionGroup) as refused:
+                async with serving(
+                    port_config(tmp_sock_dir / "a.sock"),
+                    metrics=MetricsConfig(where),
+                    control_socket=str(tmp_sock_dir / "c.sock"),
+                ):
+                    pass
+            assert refused.group_contains(
+                SetupError,
+                match=rf"^metrics: cannot listen on {where}: Address already in use \(another "
+                r"vhostd or exporter there\?\): free it or fix \[metrics\] listen= "
+                r"\(--metrics-listen\)$",
+            )
+            # Nothing is left behind: no port socket, no control socket, no lock.
+            assert list(tmp_sock_dir.iterdir()) == []
 
         trio.run(main)
+
+        # The command: exit 78 (EX_CONFIG), one line, and no READY=1 for systemd.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(tmp_sock_dir / "notify"))
+            notify.setblocking(False)
+            env = dict(os.environ, NOTIFY_SOCKET=str(tmp_sock_dir / "notify"))
+            sock, ctl = tmp_sock_dir / "b.sock", tmp_sock_dir / "ctl.sock"
+            args = ["--socket", str(sock), "--control-socket", str(ctl), "--metrics-listen", where]
+            done = subprocess.run(
+                [sys.executable, "-m", "vhostd", "run", *args],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                env=env,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == EX_CONFIG, done.stderr
+            errors = [line for line in done.stderr.splitlines() if line.startswith("vhostd: ")]
+            assert errors == [f"vhostd: metrics: cannot listen on {where}: Address already in use"
+                              " (another vhostd or exporter there?): free it or fix [metrics] "
+                              "listen= (--metrics-listen)"], done.stderr  # fmt: skip
+            with pytest.raises(BlockingIOError):
+                notify.recv(4096)  # not READY=1, nor anything else
+            assert not sock.exists() and not ctl.exists()
+
+
+def test_control_socket_that_cannot_be_bound_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SetupError) as refused:
+        bind_control(str(tmp_path / "file" / "control.sock"))
+    (line,) = refused.value.problems
+    assert line.startswith(f"control socket {tmp_path}/file/control.sock: cannot listen: ")
+    assert line.endswith("fix control_socket= (--control-socket) or the directory's permissions")
 
 
 def test_promtool_accepts_the_exposition(tmp_sock_dir: Path) -> None:

@@ -77,6 +77,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -86,6 +87,7 @@ from protocol import DeviceStatus, ProtocolFeature, VirtioFeature
 from . import buildinfo
 from .iotlb import IotlbStats
 from .net import QueueStats
+from .runtime import FileId, SetupError, remove_own_socket
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -354,37 +356,53 @@ def _bind(path: str) -> socket.socket:
     return sock
 
 
-async def serve_control(
-    daemon: Daemon,
-    path: str,
-    *,
-    task_status: trio.TaskStatus[str | None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Answer every connection on ``path`` with a snapshot, until cancelled.
+@dataclass(slots=True)
+class ControlSocket:
+    """The bound control socket; it removes its file only while that is still its own."""
 
-    A control socket that cannot be created is logged, not fatal: guests'
-    networking matters more than ``vhostd status``.
+    path: str
+    sock: socket.socket
+    created: FileId
+
+    def close(self) -> None:
+        self.sock.close()
+        remove_own_socket(self.path, self.created)
+
+
+def bind_control(path: str) -> ControlSocket:
+    """Bind the control socket before anything starts; SetupError (one line) if it cannot be.
+
+    A daemon nobody can ask (``vhostd status``, ``vhostd reload``) must not run
+    as if all was well, so this stops the start like a port that cannot listen.
     """
     try:
-        raw = _bind(path)
+        sock = _bind(path)
+        return ControlSocket(path, sock, FileId.of(path))
     except OSError as exc:
-        log.error("control socket %s: %s; running without it", path, exc)
-        task_status.started(None)
-        return
-    listener = trio.socket.from_stdlib_socket(raw)
-    log.info("control socket on %s", path)
+        raise SetupError(
+            f"control socket {path}: cannot listen: {exc.strerror or exc}: "
+            "fix control_socket= (--control-socket) or the directory's permissions"
+        ) from None
+
+
+async def serve_control(
+    daemon: Daemon,
+    control: ControlSocket,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer every connection on the bound control socket with a snapshot, until cancelled;
+    the socket is closed and its file removed on the way out."""
     try:
+        listener = trio.socket.from_stdlib_socket(control.sock)
+        log.info("control socket on %s", control.path)
         async with trio.open_nursery() as nursery:
-            task_status.started(path)
+            task_status.started(control.path)
             while True:
                 conn, _ = await listener.accept()
                 nursery.start_soon(_answer, daemon, conn)
     finally:
-        listener.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        control.close()
 
 
 async def _answer(daemon: Daemon, conn: trio.socket.SocketType) -> None:

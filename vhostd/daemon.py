@@ -28,8 +28,8 @@ import trio
 
 from . import systemd
 from .config import ConfigError, DaemonConfig, PortConfig, TapConfig, load_config
-from .control import serve_control
-from .metrics import serve_metrics
+from .control import ControlSocket, bind_control, serve_control
+from .metrics import bind_metrics, serve_metrics
 from .port import Port
 from .reload import ReloadStatus, diff_for_reload
 from .runtime import InstanceLock, SetupError, file_kind, runtime_file, socket_answers
@@ -77,6 +77,11 @@ class Daemon:
             self.created_taps = CreatedTaps(runtime_file(self.config.control_socket, ".taps"))
             _check_control_socket(self.config.control_socket)
             ports, taps = self._prepare(self.config.ports, self.config.taps, inherited)
+            try:
+                control, metrics = self._bind_services()
+            except BaseException:
+                self._undo(ports, taps)
+                raise
             for sock in inherited.values():
                 sock.close()
             self._delete_unconfigured_taps()
@@ -89,13 +94,9 @@ class Daemon:
                         self._start_tap(tap)
                     nursery.start_soon(self._signals, nursery.cancel_scope)
                     nursery.start_soon(self._expire_macs)
-                    self.control_path = await nursery.start(
-                        serve_control, self, self.config.control_socket
-                    )
-                    if self.config.metrics.address is not None:
-                        self.metrics_address = await nursery.start(
-                            serve_metrics, self, self.config.metrics.address
-                        )
+                    self.control_path = await nursery.start(serve_control, self, control)
+                    if metrics is not None:
+                        self.metrics_address = await nursery.start(serve_metrics, self, metrics)
                     await nursery.start(systemd.watchdog_task)
                     systemd.ready(f"serving {len(self.ports)} port(s)")
                     log.info("vhostd ready: %d port(s), %d tap(s)", len(self.ports), len(self.taps))
@@ -109,6 +110,17 @@ class Daemon:
                 log.info("vhostd stopped")
         finally:
             lock.release()
+
+    def _bind_services(self) -> tuple[ControlSocket, socket.socket | None]:
+        """The control socket and the metrics listener (when configured), bound before
+        READY: one that cannot be had stops the start (SetupError), as a port does."""
+        control = bind_control(self.config.control_socket)
+        try:
+            address = self.config.metrics.address
+            return control, bind_metrics(address) if address is not None else None
+        except BaseException:
+            control.close()
+            raise
 
     # -- making and undoing ports and taps ------------------------------------------
 

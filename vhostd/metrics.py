@@ -20,6 +20,7 @@ survives front-end reconnects. :data:`METRIC_NAMES` lists every family.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from . import buildinfo
 from .control import healthy, iotlb_entries
+from .runtime import SetupError
 from .stats import Histogram
 
 if TYPE_CHECKING:
@@ -437,24 +439,35 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_metrics(address: tuple[str, int]) -> socket.socket:
+    """Bind the metrics listener before anything starts; SetupError (one line) if it cannot be.
+
+    It is only there because it was asked for: a daemon that runs without it
+    would look dead to Prometheus and healthy to itself, so the start stops.
+    """
+    host, port = address
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        return _bind(host, port)
+    except OSError as exc:
+        busy = " (another vhostd or exporter there?)" if exc.errno == errno.EADDRINUSE else ""
+        raise SetupError(
+            f"metrics: cannot listen on {shown}: {exc.strerror or exc}{busy}: "
+            "free it or fix [metrics] listen= (--metrics-listen)"
+        ) from None
+
+
 async def serve_metrics(
     daemon: Daemon,
-    address: tuple[str, int],
+    raw: socket.socket,
     *,
-    task_status: trio.TaskStatus[tuple[str, int] | None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve /metrics and /healthz on ``address`` until cancelled.
+    """Serve /metrics and /healthz on the bound listener ``raw`` until cancelled.
 
     Port 0 picks a free port; the bound one is logged ("metrics on
-    http://HOST:PORT") and handed to ``task_status``. Like the control
-    socket, a listener that cannot bind is logged, not fatal.
+    http://HOST:PORT") and handed to ``task_status``.
     """
-    try:
-        raw = _bind(*address)
-    except OSError as exc:
-        log.error("metrics on %s:%d: %s; running without metrics", *address, exc)
-        task_status.started(None)
-        return
     host, port = raw.getsockname()[:2]
     bound = (str(host), int(port))
     registry = make_registry(daemon)
