@@ -178,6 +178,7 @@ class Daemon:
         assert self._nursery is not None
         self.taps.append(tap)
         self._nursery.start_soon(tap.serve)
+        log.info("tap %s: up (%s)", tap.name, "created" if tap.created else "attached")
 
     def _remove_port(self, name: str) -> None:
         port = self.ports.pop(name, None)
@@ -192,6 +193,8 @@ class Daemon:
                 ours = name in self.created_taps.names
                 tap.close(delete=ours)
                 self.created_taps.discard(name)
+                if ours:
+                    log.info("tap %s: deleted (vhostd created it)", name)
                 return ours
         return False
 

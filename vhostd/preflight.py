@@ -75,7 +75,7 @@ def check_system(
     for i, tap in enumerate(config.taps):
         _tap(report, f"tap[{i}]", tap, held_taps)
     _metrics(report, config.metrics, snap)
-    return report.problems, notes
+    return sorted(report.problems, key=lambda p: (p.line is None, p.line or 0)), notes
 
 
 def _writable_dir(report: _Report, key: str, directory: str, what: str, fix: str) -> None:
@@ -216,16 +216,21 @@ def _tap(report: _Report, key: str, tap: TapConfig, held: set[str]) -> None:
             )
     if has_cap_net_admin():
         return
+    # The kernel's tun_not_capable(): an owner or group that is set must match.
     owner, group = _sysfs(name, "owner"), _sysfs(name, "group")  # "-1": none set
-    mine = exists and (
-        owner == str(os.geteuid()) or group in {str(g) for g in (os.getegid(), *os.getgroups())}
-    )
+    groups = {str(g) for g in (os.getegid(), *os.getgroups())}
+    mine = exists and owner in ("-1", str(os.geteuid())) and group in ("-1", *groups)
     if not mine:
+        user = user_name()
+        why = (
+            f"TAP {name} belongs to another user or group"
+            if exists
+            else f"so it cannot create TAP {name}"
+        )
         report.add(
             f"{key}.name",
-            f"user {user_name()} lacks CAP_NET_ADMIN and no TAP {name} belongs to it: grant "
-            f"CAP_NET_ADMIN, or pre-create it: ip tuntap add dev {name} mode tap user "
-            f"{user_name()}",
+            f"user {user} lacks CAP_NET_ADMIN, {why}: grant CAP_NET_ADMIN, or pre-create the "
+            f"TAP for it: ip tuntap add dev {name} mode tap user {user}",
         )
         return
     up = int(_sysfs(name, "flags") or "0", 16) & 1

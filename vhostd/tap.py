@@ -182,7 +182,6 @@ class TapUplink:
             os.close(fd)
             raise
         self.fd, self.created = fd, created
-        log.info("tap %s: up (%s)", self.name, "created" if created else "attached")
 
     def _configure(self) -> None:
         """MTU and IFF_UP, each set only when it differs: an up TAP pre-created with
@@ -262,8 +261,6 @@ class TapUplink:
                 pass
             os.close(self.fd)
             self.fd = -1
-            if delete:
-                log.info("tap %s: deleted", self.name)
 
 
 def _unpersist(fd: int, name: str) -> None:
