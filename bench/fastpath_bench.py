@@ -11,6 +11,7 @@ swaps MACs and delivers each TX frame into an RX ring, as reflect mode does.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from protocol.enums import VirtioFeature as VF
 from tests.vusim.dma import PhysicalDma
 from tests.vusim.guestram import GuestRam
 from tests.vusim.rings import Buffer, SplitRing
+from vhostd.dirtylog import DirtyLog, log_size
 from vhostd.fastpath import FastRxQueue, FastTxQueue
 from vhostd.guestmem import GuestMemory
 from vhostd.iotlb import IoTlb
@@ -91,11 +93,20 @@ def run(
     iommu: bool,
     seconds: float,
     clock: Callable[[], float] = time.perf_counter,
+    log: bool = False,
 ) -> float:
-    """Frames per second of ``clock`` (wall time, or CPU time to shed other load)."""
+    """Frames per second of ``clock`` (wall time, or CPU time to shed other load).
+
+    ``log``: every guest write is logged into a dirty log, as during a migration.
+    """
     ram, table, mem, txr, rxr = setup(iommu)
+    dirty = None
     try:
         txq, rxq = queue(mem, txr, 1), queue(mem, rxr, 0)
+        if log:
+            dirty = dirty_log(table)
+            txq.set_log(dirty)
+            rxq.set_log(dirty)
         tx = (FastTxQueue if fast else TxQueue)(txq, FEATURES, 1518)
         rx = (FastRxQueue if fast else RxQueue)(rxq, FEATURES)
 
@@ -121,10 +132,23 @@ def run(
         assert tx.stats.packets == frames
         if mode == "reflect":
             assert rx.stats.packets == frames
+        assert not log or (dirty is not None and dirty.logged > 0)
         return frames / elapsed
     finally:
+        if dirty is not None:
+            dirty.close()
         table.clear()
         ram.close()
+
+
+def dirty_log(table: MemoryTable) -> DirtyLog:
+    fd = os.memfd_create("bench-log", os.MFD_CLOEXEC)
+    try:
+        size = log_size(table)
+        os.ftruncate(fd, size)
+        return DirtyLog(fd, size, 0, table)
+    finally:
+        os.close(fd)  # the mapping stays
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ Then idle CPU of each back-end with a connected, silent front-end (and of a vhos
 whose front-end is connected but not reading), and the IOTLB cases (translate
 cost with 16 vs 65,536 entries; a sink port with the IOTLB on vs off,
 in-process with the simulator since virtio-user cannot negotiate
-ACCESS_PLATFORM).
+ACCESS_PLATFORM), and the dirty log's cost (logging on vs off, in-process:
+virtio-user never starts logging).
 
 The load average is printed before and after: on a shared 2-core machine the
 numbers mean something only relative to each other within one run.
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-idle", action="store_true", help="skip the idle CPU measurement")
     parser.add_argument("--no-iotlb", action="store_true", help="skip the IOTLB cases")
+    parser.add_argument("--no-log", action="store_true", help="skip the dirty-log cases")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (1.0 if args.quick else 5.0)
@@ -382,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     if not args.no_iotlb:
         iotlb_cases(args.quick)
+    if not args.no_log:
+        from bench import dirtylog_bench
+
+        print("\n## Live migration", flush=True)
+        dirtylog_bench.report(3 if args.quick else 10, 0.5)
     print(f"\n# load average at the end {loadavg()}")
     return 0
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.fastpath_bench import FEATURES, SIZE, queue, setup
+from bench.fastpath_bench import FEATURES, SIZE, dirty_log, queue, setup
 from vhostd.fastpath import FastRxQueue, FastTxQueue, FrameBurst
 from vhostd.net import Frame
 from vhostd.switch import Switch
@@ -46,11 +46,19 @@ class Guest:
             self.rx.queue.publish()
 
 
-def run(batched: bool, seconds: float) -> float:
-    """Frames per CPU second from A's TX ring into B's RX ring through the switch."""
+def run(batched: bool, seconds: float, log: bool = False) -> float:
+    """Frames per CPU second from A's TX ring into B's RX ring through the switch.
+
+    ``log``: both rings log their writes into a dirty log, as during a migration.
+    """
     ram, table, mem, txr, rxr = setup(False)
+    dirty = None
     try:
         txq, rxq = queue(mem, txr, 1), queue(mem, rxr, 0)
+        if log:
+            dirty = dirty_log(table)
+            txq.set_log(dirty)
+            rxq.set_log(dirty)
         tx = FastTxQueue(txq, FEATURES, 1518)
         rx = FastRxQueue(rxq, FEATURES)
         switch = Switch()
@@ -74,8 +82,11 @@ def run(batched: bool, seconds: float) -> float:
         elapsed = clock() - start
         assert tx.stats.packets == frames and rx.stats.packets == frames, (frames, rx.stats)
         assert switch.forwarded == frames
+        assert not log or (dirty is not None and dirty.logged > 0)
         return frames / elapsed
     finally:
+        if dirty is not None:
+            dirty.close()
         table.clear()
         ram.close()
 

@@ -64,7 +64,7 @@ FRONTEND_RULES = _table(
     Rule(F.SET_OWNER, Kind.EMPTY),
     Rule(F.RESET_OWNER, Kind.EMPTY),
     Rule(F.SET_MEM_TABLE, Kind.MEM_TABLE, Fds.PER_REGION),
-    Rule(F.SET_LOG_BASE, Kind.LOG, Fds.ONE),
+    Rule(F.SET_LOG_BASE, Kind.LOG, Fds.ONE, reply=Kind.EMPTY),  # LOG_SHMFD: an empty reply
     Rule(F.SET_LOG_FD, Kind.EMPTY, Fds.ONE),
     Rule(F.SET_VRING_NUM, Kind.VRING_STATE),
     Rule(F.SET_VRING_ADDR, Kind.VRING_ADDR),

@@ -14,6 +14,7 @@ sanitizer build.
 from __future__ import annotations
 
 import functools
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +26,12 @@ from tests.vusim import badrings
 from tests.vusim.dma import PhysicalDma
 from tests.vusim.guestram import PAGE, GuestRam
 from tests.vusim.rings import F_INDIRECT, F_NEXT, F_WRITE, Buffer, Desc, SplitRing
+from vhostd.dirtylog import DirtyLog, log_size
 from vhostd.fastpath import FastRxQueue, FastTxQueue, FrameBurst
 from vhostd.guestmem import GuestMemory
 from vhostd.iotlb import IoTlb, IotlbDenied, IotlbMiss
 from vhostd.memory import MemoryTable
+from vhostd.native import ffi
 from vhostd.net import QueueStats, RxQueue, TxQueue
 from vhostd.virtqueue import QueueError, SplitQueue
 
@@ -112,8 +115,14 @@ class Scenario:
     churn: list[bool]
     frames: list[bytes]
     discard: bool
+    log: DirtyLog | None = None
+    """Logging on: both paths must set the same bits."""
+    log_fd: int = -1
 
     def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            os.close(self.log_fd)
         self.table.clear()
         self.ram.close()
 
@@ -168,7 +177,7 @@ def build(seed: int, rx: bool, hostile: bool = False) -> Scenario:
         for _ in range(rng.randrange(1, 3 * size))
     ]
     mem = GuestMemory(table, iotlb)
-    return Scenario(
+    s = Scenario(
         ram,
         ring,
         mem,
@@ -181,6 +190,12 @@ def build(seed: int, rx: bool, hostile: bool = False) -> Scenario:
         frames=frames,
         discard=rng.random() < 0.3,
     )
+    if rng.random() < 0.5:
+        s.log_fd = os.memfd_create("differential-log", os.MFD_CLOEXEC)
+        size = log_size(table)
+        os.ftruncate(s.log_fd, size)
+        s.log = DirtyLog(s.log_fd, size, 0, table)
+    return s
 
 
 # Addresses and lengths where checks live: region edges, the gap, the top of
@@ -261,7 +276,7 @@ def post_malicious(rng: random.Random, ring: SplitRing, rx: bool, iommu: bool) -
 
 def queue_of(s: Scenario) -> SplitQueue:
     r = s.ring
-    return SplitQueue(
+    q = SplitQueue(
         1,
         r.size,
         s.mem,
@@ -272,6 +287,8 @@ def queue_of(s: Scenario) -> SplitQueue:
         event_idx=r.event_idx,
         indirect=s.indirect,
     )
+    q.set_log(s.log)
+    return q
 
 
 def retry(s: Scenario, events: list[Any], step: Callable[[], Any]) -> tuple[bool, Any]:
@@ -396,6 +413,7 @@ def _result(
         "indices": (q.last_avail, q.last_used),
         "stats": {name: getattr(stats, name) for name in QueueStats.__slots__},
         "iotlb_misses": None if s.mem.iotlb is None else s.mem.iotlb.stats.misses,
+        "log": None if s.log is None else bytes(ffi.buffer(s.log.c.bits, s.log.size)),
     }
 
 
@@ -417,7 +435,7 @@ def differential(
 
 
 def compare(ref: dict[str, Any], fast: dict[str, Any]) -> None:
-    for key in ("events", "frames", "indices", "stats"):
+    for key in ("events", "frames", "indices", "stats", "log"):
         assert fast[key] == ref[key], key
     for i, (a, b) in enumerate(zip(ref["ram"], fast["ram"], strict=True)):
         assert a == b, f"guest RAM region {i} differs"

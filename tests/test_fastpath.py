@@ -64,7 +64,7 @@ def test_rx_matches_reference(seed: int) -> None:
 
 
 def test_scenarios_cover_the_interesting_outcomes() -> None:
-    """The seeds above hit misses, denials, every common fault and real traffic."""
+    """The seeds above hit misses, denials, every common fault, real traffic and logging."""
     seen: set[str] = set()
     for seed in range(SEEDS):
         for rx in (False, True):
@@ -73,7 +73,11 @@ def test_scenarios_cover_the_interesting_outcomes() -> None:
                 seen.add(event[0] if event[0] != "fault" else event[1])
             if ref["frames"]:
                 seen.add("frames")
+            if ref["log"] and any(ref["log"]):
+                seen.add("logged RX" if rx else "logged TX")
     for needed in (
+        "logged RX",
+        "logged TX",
         "miss",
         "denied",
         "frames",

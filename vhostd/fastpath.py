@@ -68,7 +68,7 @@ _FAULTS = (
 class _Ring:
     """What C needs of one SplitQueue: ring pointers, translation cache, work areas."""
 
-    __slots__ = ("_gen", "_keep", "cache", "heads", "pieces", "queue", "scratch", "vq")
+    __slots__ = ("_gen", "_keep", "_log", "cache", "heads", "pieces", "queue", "scratch", "vq")
 
     def __init__(self, queue: SplitQueue, scratch: int = 0, heads: int = MAX_HEADS) -> None:
         self.queue = queue
@@ -84,12 +84,20 @@ class _Ring:
         vq.heads, vq.max_heads = self.heads, heads
         vq.scratch, vq.scratch_len = self.scratch, scratch
         self._gen: object = None
+        self._log: object = None
         self._keep: tuple[Any, ...] = ()
 
     def sync(self) -> None:
-        """Follow ``queue.refresh()``: new ring views and an empty cache if memory moved."""
+        """Follow ``queue.refresh()``: new ring views and an empty cache if memory moved.
+
+        Also follows ``queue.set_log`` (the views stay, the log changes).
+        """
         q = self.queue
         gen = q._gen
+        if q.log is not self._log and gen is not None:
+            self._log = q.log
+            self.vq.log = q.log.c if q.log is not None else ffi.NULL
+            self.vq.log_used = q.log_used
         if gen != self._gen:
             lib.vhostd_tc_clear(self.cache)
             vq = self.vq
@@ -99,6 +107,7 @@ class _Ring:
                 keep = (q._desc, q._avail, q._used)  # the region lives as long as its views
                 vq.desc, vq.avail, vq.used = (ffi.cast("uint8_t *", local_address(v)) for v in keep)
                 self._keep = keep
+            vq.log_used = q.log_used
             self._gen = gen
 
     def fill(self, addr: int, perm: int) -> bool:
@@ -111,10 +120,10 @@ class _Ring:
         descriptor before the memory table, so it gets the chain.
         """
         try:
-            start, end, host = self.queue.mem.extent(addr, IotlbPerm(perm))
+            start, end, host, gpa = self.queue.mem.extent(addr, IotlbPerm(perm))
         except OutsideMemory:
             return False
-        lib.vhostd_tc_insert(self.cache, addr, start, end - 1, host, perm)
+        lib.vhostd_tc_insert(self.cache, addr, start, end - 1, host, perm, gpa)
         return True
 
     def error(self) -> QueueError:
@@ -318,7 +327,7 @@ class FastRxQueue(net.RxQueue):
     def deliver(self, frame: Frame) -> bool:
         q = self.queue
         ring = self._ring
-        if q._gen != ring._gen:
+        if q._gen != ring._gen or q.log is not ring._log:
             ring.sync()
         if ring._gen is None:
             return net.RxQueue.deliver(self, frame)  # no views: fail exactly like the reference
@@ -381,7 +390,7 @@ class FastRxQueue(net.RxQueue):
         """
         q = self.queue
         ring = self._ring
-        if q._gen != ring._gen:
+        if q._gen != ring._gen or q.log is not ring._log:
             ring.sync()
         if ring._gen is None:
             return 0

@@ -119,21 +119,22 @@ class GuestMemory:
         except (AddressFault, ValueError) as exc:
             raise OutsideMemory(str(exc)) from None
 
-    def extent(self, addr: int, perm: IotlbPerm, ring: bool = False) -> tuple[int, int, int]:
-        """The largest ``(start, end, local)`` around ``addr`` that maps linearly.
+    def extent(self, addr: int, perm: IotlbPerm, ring: bool = False) -> tuple[int, int, int, int]:
+        """The largest ``(start, end, local, gpa)`` around ``addr`` that maps linearly.
 
         Every address in ``[start, end)`` is accessible with ``perm`` and lives
-        at local address ``local + (a - start)``: one IOTLB entry (if the IOTLB
-        is on) intersected with one memory region. This is what the C burst
-        loops cache; they never translate by themselves. ``ring`` picks the
-        ring address space (front-end virtual without the IOTLB). Raises what
-        :meth:`buffer` raises for the byte at ``addr``.
+        at local address ``local + (a - start)`` and guest-physical address
+        ``gpa + (a - start)`` (what the dirty log needs): one IOTLB entry (if
+        the IOTLB is on) intersected with one memory region. This is what the
+        C burst loops cache; they never translate by themselves. ``ring``
+        picks the ring address space (front-end virtual without the IOTLB).
+        Raises what :meth:`buffer` raises for the byte at ``addr``.
         """
         iotlb, table = self._iotlb, self.table
         if iotlb is None:
             region = _region_holding(table, addr, uaddr=ring)
             base = region.uaddr if ring else region.gpa
-            return base, base + region.size, _local(region)
+            return base, base + region.size, _local(region), region.gpa
         stats = iotlb.stats
         stats.lookups += 1
         entry = iotlb.entry_at(addr)
@@ -150,7 +151,18 @@ class GuestMemory:
         # Clip the entry to the region: both map linearly, so their intersection does.
         lo = max(start, addr - (here - region.uaddr))
         hi = min(end, addr + (region.uaddr + region.size - here))
-        return lo, hi, _local(region) + (here - region.uaddr) - (addr - lo)
+        offset = here - region.uaddr - (addr - lo)  # of lo, in the region
+        return lo, hi, _local(region) + offset, region.gpa + offset
+
+    def gpa_of(self, view: memoryview) -> int:
+        """The guest-physical address of a view this door handed out (for the dirty log)."""
+        with ffi.from_buffer("uint8_t[]", view) as ptr:
+            here = int(ffi.cast("uintptr_t", ptr))
+        for region in self.table:
+            local = _local(region)
+            if local <= here < local + region.size:
+                return region.gpa + (here - local)
+        raise OutsideMemory(f"a view at {here:#x} is in no region")
 
     def ring(self, addr: int, size: int, perm: IotlbPerm) -> memoryview:
         """A ring (desc, avail or used) as one contiguous view."""

@@ -316,6 +316,8 @@ class MemoryTable:
         self._notify: int | None = None
         self._vanished: list[str] = []
         """Lost regions already unmapped (a new table came before the session looked)."""
+        self._watched: dict[str, _Reservation] = {}
+        """Other mappings of the connection the guard watches (the dirty log)."""
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -332,21 +334,30 @@ class MemoryTable:
         """Regions whose file can shrink (not sealed): guarded against SIGBUS."""
         return sum(r.can_shrink for r in self._regions)
 
-    def _notify_fd(self) -> int:
+    def watch(self, name: str, reservation: _Reservation | None) -> None:
+        """Report ``name`` in :meth:`lost` when that mapping's file shrinks (None: stop)."""
+        if reservation is None:
+            self._watched.pop(name, None)
+        else:
+            self._watched[name] = reservation
+
+    def notify_fd(self) -> int:
+        """The eventfd the guard writes for this connection's mappings."""
         if self._notify is None:
             self._notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         return self._notify
 
     def lost(self) -> list[str]:
         """The regions (``gpa A+S``) whose file shrank under their mapping, if any."""
-        return self._vanished + [r.where for r in self._regions if r.lost]
+        watched = [name for name, res in self._watched.items() if res.lost]
+        return self._vanished + [r.where for r in self._regions if r.lost] + watched
 
     async def wait_lost(self) -> list[str]:
         """Wait until guest memory vanished under a mapping; :meth:`lost` then.
 
         Must be cancelled before :meth:`clear` closes the eventfd it waits on.
         """
-        fd = self._notify_fd()
+        fd = self.notify_fd()
         while True:
             await trio.lowlevel.wait_readable(fd)
             try:
@@ -362,7 +373,7 @@ class MemoryTable:
         new: list[MappedRegion] = []
         try:
             for region, fd in zip(regions, fds, strict=True):
-                mapped = MappedRegion.map(region, fd, self._notify_fd())
+                mapped = MappedRegion.map(region, fd, self.notify_fd())
                 new.append(self._checked(mapped, new))
         except BaseException:
             for mapped in new:
@@ -375,7 +386,7 @@ class MemoryTable:
         """Map one more region (ADD_MEM_REG)."""
         if len(self._regions) >= self.max_regions:
             raise MemoryError_(f"all {self.max_regions} memory slots are in use")
-        mapped = MappedRegion.map(region, fd, self._notify_fd())
+        mapped = MappedRegion.map(region, fd, self.notify_fd())
         try:
             self._regions.append(self._checked(mapped, self._regions))
         except BaseException:

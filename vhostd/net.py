@@ -47,6 +47,8 @@ BASE_FEATURES = (
     | VF.NET_CTRL_VQ
     | VF.IN_ORDER
     | VF.PROTOCOL_FEATURES
+    | VF.LOG_ALL
+    | VF.NET_GUEST_ANNOUNCE
 )
 
 
@@ -240,6 +242,8 @@ class RxQueue:
                 return True
             _scatter(views, 0, self.hdr)
             _scatter(views, self.hdr_len, frame)
+            if q.log is not None:
+                self._log(views, need)
             q.put(head, need)
         else:
             avail = q.available()
@@ -258,6 +262,8 @@ class RxQueue:
             NUM_BUFFERS.pack_into(hdr, 10, len(heads))
             _scatter(views, 0, hdr)
             _scatter(views, self.hdr_len, frame)
+            if q.log is not None:
+                self._log(views, need)
             left = need
             for head, got, _ in heads:
                 used = min(got, left)
@@ -266,6 +272,18 @@ class RxQueue:
         self.stats.packets += 1
         self.stats.bytes += len(frame)
         return True
+
+    def _log(self, views: list[memoryview], written: int) -> None:
+        """Log the first ``written`` bytes of ``views`` (what was just scattered)."""
+        q = self.queue
+        log = q.log
+        assert log is not None
+        for view in views:
+            if not written:
+                return
+            n = min(len(view), written)
+            log.mark(q.mem.gpa_of(view), n)
+            written -= n
 
     def _check_room(self, head: int, room: int) -> None:
         # A buffer that cannot take the header can never take a frame: a

@@ -31,6 +31,7 @@ from protocol import (
     IotlbMsg,
     IotlbPerm,
     IotlbType,
+    LogInfo,
     MemoryTable,
     Message,
     Payload,
@@ -47,6 +48,7 @@ from protocol import (
 
 from .channel import BackendChannel, Channel, close_fds
 from .diagnosis import Diagnosis
+from .dirtylog import DirtyLog
 from .fastpath import RxQueue, TxQueue
 from .guestmem import AccessError, GuestMemory
 from .iotlb import ADDRESS_LIMIT, IoTlb, IotlbDenied, IotlbError, IotlbMiss
@@ -74,6 +76,7 @@ MAX_MEM_SLOTS = 64
 
 OFFERED_PROTOCOL = (
     PF.MQ
+    | PF.LOG_SHMFD
     | PF.REPLY_ACK
     | PF.RARP
     | PF.MTU
@@ -126,6 +129,7 @@ class Session:
         self.mtu = cfg.mtu
         self.table = RegionTable(MAX_MEM_SLOTS)
         self.iotlb: IoTlb | None = None
+        self.dirty_log: DirtyLog | None = None
         self.mem = GuestMemory(self.table)
         self.backend: BackendChannel | None = None
         self.misses = Misses(self.stats, self.mem, lambda: self.backend, port.miss_timeout)
@@ -218,15 +222,19 @@ class Session:
             self.stats.protocol_errors[exc.kind] += 1
             self.stats.note_error(exc.kind, f"{code.name} refused: {exc}")
             log.warning("%s: %s refused: %s", self.name, code.name, exc)
-            if code in WITH_BODY:
-                raise
+            if code in WITH_BODY or self._log_reply(code):
+                raise  # no reply could say it failed: the connection ends
             reply, ok = None, False
         finally:
             close_fds(msg.fds)
-        if code in WITH_BODY:
+        if code in WITH_BODY or self._log_reply(code):
             await self.channel.send(encode_reply(code, reply))
         elif msg.need_reply and self._acks:
             await self.channel.send(encode_ack(code, ok))
+
+    def _log_reply(self, code: FrontendRequest) -> bool:
+        """With LOG_SHMFD the front-end waits for an (empty) reply to SET_LOG_BASE."""
+        return code is R.SET_LOG_BASE and bool(self.protocol_features & PF.LOG_SHMFD)
 
     @property
     def _acks(self) -> bool:
@@ -243,6 +251,7 @@ class Session:
             self.backend = None
         if self.iotlb is not None:
             self.iotlb.flush()
+        self._close_log()
         self.table.clear()
         self.channel.close()
 
@@ -257,6 +266,8 @@ class Session:
             R.GET_PROTOCOL_FEATURES: lambda m: self.offered_protocol,
             R.SET_PROTOCOL_FEATURES: self._set_protocol_features,
             R.SET_MEM_TABLE: self._set_mem_table,
+            R.SET_LOG_BASE: self._set_log_base,
+            R.SET_LOG_FD: lambda m: None,  # the fd is closed with the message
             R.ADD_MEM_REG: self._add_mem_reg,
             R.REM_MEM_REG: self._rem_mem_reg,
             R.GET_MAX_MEM_SLOTS: lambda m: MAX_MEM_SLOTS,
@@ -283,6 +294,10 @@ class Session:
         extra = value & ~self.offered_features
         if extra:
             raise RequestFailed("bad_features", f"features {extra:#x} were not offered")
+        if value & VF.LOG_ALL and self.dirty_log is None:
+            raise RequestFailed(
+                "log_all_without_log", "LOG_ALL without a dirty log (SET_LOG_BASE first)"
+            )
         running = [v for v in self.vrings if v.started]
         if running and self.features & ~value & VF.ACCESS_PLATFORM:
             # The guest asked for its vIOMMU to check every access; a front-end
@@ -291,7 +306,8 @@ class Session:
                 "features_changed_while_running",
                 "ACCESS_PLATFORM dropped while rings run; reset the device first",
             )
-        changed = value != self.features
+        # LOG_ALL alone is migration starting or ending: the queues stay as they are.
+        changed = (value ^ self.features) & ~VF.LOG_ALL
         self.features = value
         if value & VF.ACCESS_PLATFORM:
             if self.iotlb is None:
@@ -307,6 +323,7 @@ class Session:
             # address space): rebuild them where they stand.
             for vring in running:
                 self._restart_vring(vring)
+        self._apply_log()
 
     def _set_protocol_features(self, msg: Message) -> None:
         value = _u64(msg)
@@ -360,6 +377,46 @@ class Session:
         except MemoryError_ as exc:
             raise RequestFailed("bad_memory_region", str(exc)) from None
 
+    def _set_log_base(self, msg: Message) -> None:
+        """Map the front-end's dirty log (migration is starting, or memory grew)."""
+        payload = msg.payload
+        assert isinstance(payload, LogInfo)
+        if not self.protocol_features & PF.LOG_SHMFD:
+            raise RequestFailed("log_shmfd_not_negotiated", "SET_LOG_BASE without LOG_SHMFD")
+        try:
+            new = DirtyLog(msg.fds[0], payload.mmap_size, payload.mmap_offset, self.table)
+        except MemoryError_ as exc:
+            raise RequestFailed("bad_log", str(exc)) from None
+        old, self.dirty_log = self.dirty_log, new
+        self._apply_log()  # the queues switch over before the old log goes
+        if old is not None:
+            self.stats.log_resizes += 1
+            self._retire_log(old)
+        log.info("%s: dirty log of %d KiB", self.name, new.size >> 10)
+
+    @property
+    def logging(self) -> bool:
+        """Every write to guest memory is being logged (live migration)."""
+        return self.dirty_log is not None and bool(self.features & VF.LOG_ALL)
+
+    def _apply_log(self) -> None:
+        target = self.dirty_log if self.logging else None
+        for vring in self.vrings:
+            q = vring.tx or vring.rx
+            if q is not None:
+                q.queue.set_log(target)
+
+    def _retire_log(self, dirty: DirtyLog) -> None:
+        self.stats.log_pages += dirty.logged
+        self.stats.log_overflow += dirty.overflow
+        dirty.close()
+
+    def _close_log(self) -> None:
+        dirty, self.dirty_log = self.dirty_log, None
+        if dirty is not None:
+            self._apply_log()
+            self._retire_log(dirty)
+
     def _vring(self, index: int) -> Vring:
         if not 0 <= index < len(self.vrings):
             raise RequestFailed(
@@ -391,7 +448,11 @@ class Session:
     def _set_vring_addr(self, msg: Message) -> None:
         payload = msg.payload
         assert isinstance(payload, VringAddr)
-        vring, _ = self._stopped_vring(msg)
+        vring = self._vring(payload.index)
+        old = vring.addr
+        if not (vring.started and old is not None and _same_rings(old, payload)):
+            # Only the log flag or address changed (migration starting): keep running.
+            vring, _ = self._stopped_vring(msg)
         if self.mem.iotlb is None and vring.size:
             # Front-end addresses can be checked now (IOVAs only when used):
             # each ring must lie whole inside one region of the table.
@@ -411,6 +472,12 @@ class Session:
                         "bad_vring_addr",
                         f"vring {vring.index} {name} {addr:#x}+{size:#x} is not inside one region",
                     )
+            if payload.log_enabled and self.table.gpa_span(payload.log) < sizes[2]:
+                raise RequestFailed(
+                    "bad_vring_addr",
+                    f"vring {vring.index} log_guest_addr {payload.log:#x}+{sizes[2]:#x} "
+                    "is not inside one region",
+                )
         for name, addr, align in (
             ("desc", payload.desc, 16),
             ("avail", payload.avail, 2),
@@ -562,6 +629,8 @@ class Session:
             event_idx=bool(features & VF.RING_EVENT_IDX),
             indirect=bool(features & VF.RING_INDIRECT_DESC),
         )
+        if self.logging:
+            queue.set_log(self.dirty_log)
         stats = self.stats.queue(vring.index)
         if vring.is_rx:
             vring.rx = RxQueue(queue, features, stats)
@@ -718,6 +787,10 @@ class Session:
                     rx.queue.publish()
                     interrupt(vring, rx.queue)
             dirty.clear()
+
+
+def _same_rings(a: VringAddr, b: VringAddr) -> bool:
+    return (a.desc, a.avail, a.used) == (b.desc, b.avail, b.used)
 
 
 def _failure_ack(code: int) -> bytes:

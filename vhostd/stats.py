@@ -62,6 +62,10 @@ class PortStats:
     blocked_accesses: int = 0
     rx_not_ready: int = 0
     memory_faults: int = 0
+    log_pages: int = 0
+    """Dirty-log bits set in logs already retired (the live log counts its own)."""
+    log_resizes: int = 0
+    log_overflow: int = 0
     queues: dict[tuple[int, str], QueueStats] = field(default_factory=dict)
     last_error: LastError | None = None
     """Kept across reconnects: why the previous connection went wrong is worth seeing."""

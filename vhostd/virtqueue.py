@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import struct
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from protocol.enums import IotlbPerm
 
 from .guestmem import GuestMemory, OutsideMemory
+
+if TYPE_CHECKING:
+    from .dirtylog import DirtyLog
 from .native import ffi, lib
 
 DESC = struct.Struct("<QIHH")
@@ -100,6 +104,8 @@ class SplitQueue:
         "indirect",
         "last_avail",
         "last_used",
+        "log",
+        "log_used",
         "max_chain_bytes",
         "mem",
         "signalled_used",
@@ -135,6 +141,10 @@ class SplitQueue:
         self.last_used = base & 0xFFFF
         self.signalled_used = 0
         self.signalled_valid = False
+        self.log: DirtyLog | None = None
+        """While set, every write to guest memory is logged (live migration)."""
+        self.log_used = 0
+        """The used ring's guest-physical address (for the log), found at refresh."""
         self._gen: tuple[int, int, int] | None = None
         self._desc = self._avail = self._used = self._used16 = memoryview(b"")
 
@@ -170,9 +180,18 @@ class SplitQueue:
                     QueueFault.RING_MISALIGNED,
                     f"{name} at {addr:#x} is not {align}-byte aligned",
                 )
+        if self.log is not None:
+            # Within one region (a ring view never spans two), so contiguous.
+            self.log_used = self.mem.gpa_of(used)
         self._desc, self._avail, self._used = desc, avail, used
         self._used16 = used.cast("H")
         self._gen = gen
+
+    def set_log(self, log: DirtyLog | None) -> None:
+        """Log into ``log`` from now on (None: stop); rings are looked up again first."""
+        if log is not self.log:
+            self.log = log
+            self.drop_views()
 
     def drop_views(self) -> None:
         """Forget every view into guest memory (the table is about to change)."""
@@ -286,7 +305,10 @@ class SplitQueue:
 
     def put(self, head: int, written: int) -> None:
         """Return the chain at ``head`` as used, without publishing the index yet."""
-        USED_ELEM.pack_into(self._used, 4 + 8 * (self.last_used % self.size), head, written)
+        at = 4 + 8 * (self.last_used % self.size)
+        USED_ELEM.pack_into(self._used, at, head, written)
+        if self.log is not None:
+            self.log.mark(self.log_used + at, 8)
         self.last_used = (self.last_used + 1) & 0xFFFF
         self.last_avail = (self.last_avail + 1) & 0xFFFF
 
@@ -299,6 +321,8 @@ class SplitQueue:
         in between sees it jump back (DPDK then frees chains it never got back).
         """
         if self._gen is not None:
+            if self.log is not None:
+                self.log.mark(self.log_used + 2, 2)
             self._used16[1] = self.last_used
 
     @property
@@ -333,8 +357,10 @@ class SplitQueue:
         mark = self.last_avail if seen is None else seen
         if self.event_idx:
             self._used16[2 + 4 * self.size] = mark
+            self._log_used_field(4 + 8 * self.size)
         else:
             self._used16[0] = 0
+            self._log_used_field(0)
         fence()
         n = self.available()
         return n != 0 if seen is None else self.avail_idx() != seen
@@ -343,3 +369,8 @@ class SplitQueue:
         """While we are busy polling, kicks only cost the driver a syscall."""
         if not self.event_idx and self._gen == self.mem.generation:
             self._used16[0] = USED_F_NO_NOTIFY
+            self._log_used_field(0)
+
+    def _log_used_field(self, at: int) -> None:
+        if self.log is not None:
+            self.log.mark(self.log_used + at, 2)

@@ -25,6 +25,7 @@ from protocol import (
     HeaderFlag,
     IotlbMsg,
     IotlbType,
+    LogInfo,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -41,6 +42,7 @@ from protocol import (
 
 from . import net
 from .channel import Channel, ChannelClosed
+from .dirtylog import DirtyBitmap
 from .dma import Dma, IommuDma, PhysicalDma
 from .guestram import GuestRam, RamRegion
 from .rings import Completion, SplitRing
@@ -61,6 +63,7 @@ ALWAYS_REPLIED = frozenset(
 )
 WANTED_PROTOCOL = (
     ProtocolFeature.MQ
+    | ProtocolFeature.LOG_SHMFD
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.MTU
@@ -138,6 +141,7 @@ class Frontend:
         self.backend_closed = trio.Event()
         self._lock = trio.Lock()
         self._eventfds: list[int] = []
+        self._logs: list[DirtyBitmap] = []
 
     # -- lifecycle ------------------------------------------------------
     @classmethod
@@ -201,6 +205,9 @@ class Frontend:
         for fd in self._eventfds:
             os.close(fd)
         self._eventfds = []
+        for bitmap in self._logs:
+            bitmap.close()
+        self._logs = []
         self.ram.close()
 
     # -- raw messaging --------------------------------------------------
@@ -345,10 +352,47 @@ class Frontend:
     async def set_vring_base(self, q: int, base: int) -> None:
         await self.send(F.SET_VRING_BASE, VringState(q, base))
 
-    async def set_vring_addr(self, q: int, ring: SplitRing | None = None, flags: int = 0) -> None:
+    async def set_vring_addr(
+        self, q: int, ring: SplitRing | None = None, flags: int = 0, log: int = 0
+    ) -> None:
         ring = ring or self.vrings[q].ring
-        addr = VringAddr(q, flags, ring.desc_addr, ring.used_addr, ring.avail_addr, 0)
+        addr = VringAddr(q, flags, ring.desc_addr, ring.used_addr, ring.avail_addr, log)
         await self.send(F.SET_VRING_ADDR, addr)
+
+    # -- live migration (QEMU's vhost_migration_log order) ---------------
+    async def set_log_base(self, size: int | None = None, offset: int = 0) -> DirtyBitmap:
+        """Share a dirty log covering guest RAM (``size`` bytes of bitmap at ``offset``).
+
+        The memfd has a page of sentinel bytes before ``offset`` and after the
+        bitmap: the back-end must never write there.
+        """
+        bitmap = DirtyBitmap.create(self.ram, size, offset)
+        self._logs.append(bitmap)
+        reply = await self.send(
+            F.SET_LOG_BASE,
+            LogInfo(bitmap.size, bitmap.offset),
+            [bitmap.fd],
+            expect_reply=bool(self.protocol_features & ProtocolFeature.LOG_SHMFD),
+        )
+        if reply is not None and reply.payload is not None:
+            raise UnexpectedReply(f"SET_LOG_BASE reply with a payload: {reply}")
+        return bitmap
+
+    async def start_logging(self) -> None:
+        """LOG_ALL on, then every ring's addresses again with VHOST_VRING_F_LOG."""
+        await self.set_features(self.features | VirtioFeature.LOG_ALL)
+        iova = bool(self.features & VirtioFeature.ACCESS_PLATFORM)
+        for q, vring in sorted(self.vrings.items()):
+            # QEMU's used_phys: guest-physical, or the IOVA behind a vIOMMU.
+            ring = vring.ring
+            await self.set_vring_addr(q, flags=1, log=ring.used_addr if iova else ring.used_gpa)
+        await self.get_features()  # a round trip: everything above was handled
+
+    async def stop_logging(self) -> None:
+        await self.set_features(self.features & ~VirtioFeature.LOG_ALL)
+        for q in sorted(self.vrings):
+            await self.set_vring_addr(q)
+        await self.get_features()
 
     async def get_vring_base(self, q: int) -> int:
         reply = await self.send(F.GET_VRING_BASE, VringState(q, 0))

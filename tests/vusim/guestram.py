@@ -110,6 +110,7 @@ class GuestRam:
         self.regions: list[RamRegion] = []
         self._alloc = _Allocator()
         self._shadow: dict[int, bytearray] | None = None
+        self._settled: set[int] = set()
         self._writable: list[tuple[int, int]] = []
         self._poison: list[bytes] = []
         shared_fd = -1
@@ -228,6 +229,7 @@ class GuestRam:
                 off = start - region.gpa
                 region.mem[off : off + end - start] = bytes([pattern]) * (end - start)
         self._shadow = {r.gpa: bytearray(r.mem[:]) for r in self.regions}
+        self._settled = set()
 
     def allow_device_write(self, gpa: int, size: int) -> None:
         self._writable.append((gpa, gpa + size))
@@ -279,11 +281,26 @@ class GuestRam:
         return Violation(gpa, size, before, self.read(gpa, size))
 
     def settle(self, gpa: int, size: int) -> None:
-        """Accept what the back-end wrote in one area (e.g. a completed RX buffer)."""
+        """Accept what the back-end wrote in one area (e.g. a completed RX buffer).
+
+        The pages it changed there stay in :meth:`device_pages`.
+        """
         if self._shadow is not None:
             region = self.region_of(gpa, size)
             off = gpa - region.gpa
-            self._shadow[region.gpa][off : off + size] = region.mem[off : off + size]
+            shadow = self._shadow[region.gpa]
+            now = region.mem[off : off + size]
+            for i, (a, b) in enumerate(zip(now, shadow[off : off + size], strict=True)):
+                if a != b:
+                    self._settled.add((gpa + i) // PAGE)
+            shadow[off : off + size] = now
+
+    def device_pages(self) -> set[int]:
+        """Every guest page the back-end changed since arming (settled areas included)."""
+        pages = set(self._settled)
+        for gpa, size in self.device_writes():
+            pages.update(range(gpa // PAGE, (gpa + size - 1) // PAGE + 1))
+        return pages
 
     def accept_device_writes(self) -> None:
         """Fold the current contents into the shadow (after checking them)."""

@@ -102,6 +102,17 @@ void vhostd_tx_complete(struct vhostd_vq *q, uint32_t n)
         vhostd_put(q, q->heads[k].id, 0);
 }
 
+/* Log the first len bytes of the pieces as written. */
+static void log_pieces(struct vhostd_vq *q, uint32_t np, uint64_t len)
+{
+    uint32_t k;
+    for (k = 0; k < np && len; k++) {
+        uint64_t m = q->pieces[k].len < len ? q->pieces[k].len : len;
+        vhostd_log_write(q->log, q->pieces[k].gpa, m);
+        len -= m;
+    }
+}
+
 /* Copy data into pieces starting offset bytes into them (RxQueue's _scatter). */
 static void scatter(const struct vhostd_piece *p, uint32_t np, uint64_t offset,
                     const uint8_t *data, uint64_t len)
@@ -145,6 +156,8 @@ int vhostd_rx_deliver(struct vhostd_vq *q, struct vhostd_tcache *c,
             return VHOSTD_DROPPED;
         scatter(q->pieces, np, 0, hdr, hdr_len);
         scatter(q->pieces, np, hdr_len, frame, flen);
+        if (q->log)
+            log_pieces(q, np, need_bytes);
         vhostd_put(q, head, (uint32_t)need_bytes);
         return VHOSTD_DONE;
     }
@@ -176,6 +189,8 @@ int vhostd_rx_deliver(struct vhostd_vq *q, struct vhostd_tcache *c,
         }
         scatter(q->pieces, np, 0, h, hdr_len);
         scatter(q->pieces, np, hdr_len, frame, flen);
+        if (q->log)
+            log_pieces(q, np, need_bytes);
         for (k = 0; k < nheads; k++) {
             uint64_t used = q->heads[k].got < left ? q->heads[k].got : left;
             vhostd_put(q, q->heads[k].id, (uint32_t)used);

@@ -6,6 +6,7 @@ void vhostd_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 void vhostd_publish(struct vhostd_vq *q)
 {
+    vhostd_log_write(q->log, q->log_used + 2, 2);
     __atomic_store_n((uint16_t *)(void *)(q->used + 2), q->last_used, __ATOMIC_RELEASE);
 }
 
@@ -68,6 +69,7 @@ int vhostd_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int
                 n = rem - 1 <= room1 ? rem : room1 + 1;
                 q->pieces[*np].ptr = vhostd_tc_host(s, a);
                 q->pieces[*np].len = (uint32_t)n;
+                q->pieces[*np].gpa = s->gpa + (a - s->start);
                 (*np)++;
                 a += n;
                 rem -= n;

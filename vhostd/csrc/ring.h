@@ -8,6 +8,7 @@
 
 #include <string.h>
 
+#include "log.h"
 #include "tcache.h"
 
 /* Fault codes, in QueueFault order (fastpath._FAULTS). */
@@ -66,7 +67,9 @@ static inline int vhostd_head_at(struct vhostd_vq *q, uint32_t nth, uint32_t *he
 static inline void vhostd_put(struct vhostd_vq *q, uint32_t head, uint32_t written)
 {
     uint32_t elem[2] = {head, written};
-    memcpy(q->used + 4 + 8 * (size_t)(q->last_used % q->size), elem, 8);
+    size_t at = 4 + 8 * (size_t)(q->last_used % q->size);
+    memcpy(q->used + at, elem, 8);
+    vhostd_log_write(q->log, q->log_used + at, 8);
     q->last_used++;
     q->last_avail++;
 }

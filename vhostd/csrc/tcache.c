@@ -13,7 +13,7 @@ void vhostd_tc_clear(struct vhostd_tcache *c)
 }
 
 void vhostd_tc_insert(struct vhostd_tcache *c, uint64_t addr, uint64_t start,
-                      uint64_t last, uint64_t host, uint32_t perm)
+                      uint64_t last, uint64_t host, uint32_t perm, uint64_t gpa)
 {
     struct vhostd_range *r;
     if (c->epoch == 0)
@@ -34,6 +34,7 @@ void vhostd_tc_insert(struct vhostd_tcache *c, uint64_t addr, uint64_t start,
     r->start = start;
     r->last = last;
     r->host = host;
+    r->gpa = gpa;
     r->perm = perm;
     r->epoch = c->epoch;
 }

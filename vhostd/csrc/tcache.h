@@ -18,6 +18,7 @@ struct vhostd_range {
     uint64_t start;
     uint64_t last;     /* inclusive: a range may end at 2**64 */
     uint64_t host;     /* local address of start */
+    uint64_t gpa;      /* guest-physical address of start (for the dirty log) */
     uint32_t perm;
     uint32_t epoch;    /* valid while equal to the cache's epoch */
 };

@@ -26,15 +26,24 @@ enum vhostd_rc {
 
 enum { VHOSTD_TC_SLOTS = 32 };
 
-/* A piece of a descriptor chain in local memory. */
-struct vhostd_piece { uint8_t *ptr; uint32_t len; };
+/* A piece of a descriptor chain in local memory, and its guest-physical address. */
+struct vhostd_piece { uint8_t *ptr; uint32_t len; uint64_t gpa; };
 /* A frame handed between Python and C. */
 struct vhostd_frame { uint8_t *ptr; uint32_t len; };
 /* One chain of an RX delivery (merged buffers) or of a TX burst not yet used. */
 struct vhostd_head { uint32_t id; uint32_t got; };
 
+/* A dirty log mapping (log.h): bits for pages [0, pages). */
+struct vhostd_log {
+    uint8_t *bits;
+    uint64_t pages;
+    uint64_t logged;     /* bits this process set (0 -> 1) */
+    uint64_t overflow;   /* writes to pages past the bitmap, not logged */
+};
+
 /* One split ring for the duration of a call: Python owns the indices and
-   copies them in and out around every call. */
+   copies them in and out around every call. With log set, every write to
+   guest memory is logged; the used ring lives at guest-physical log_used. */
 struct vhostd_vq {
     uint8_t *desc;
     uint8_t *avail;
@@ -60,6 +69,8 @@ struct vhostd_vq {
     uint32_t max_heads;
     uint8_t *scratch;
     uint64_t scratch_len;
+    struct vhostd_log *log;
+    uint64_t log_used;
 };
 
 /* The translation cache: ranges GuestMemory.extent returned (tcache.h). */
@@ -68,7 +79,8 @@ struct vhostd_tcache;
 void vhostd_fence(void);
 void vhostd_tc_clear(struct vhostd_tcache *c);
 void vhostd_tc_insert(struct vhostd_tcache *c, uint64_t addr, uint64_t start,
-                      uint64_t last, uint64_t host, uint32_t perm);
+                      uint64_t last, uint64_t host, uint32_t perm, uint64_t gpa);
+void vhostd_log_mark(struct vhostd_log *l, uint64_t gpa, uint64_t len);
 void vhostd_publish(struct vhostd_vq *q);
 int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t skip, uint32_t limit,
                     uint32_t hdr_len, uint32_t max_frame, int collect,
