@@ -20,6 +20,8 @@ from tests.probe import frame, open_fds, ports, until
 from tests.vusim.dirtylog import DirtyBitmap
 from tests.vusim.frontend import DEFAULT_NET_FEATURES, Frontend
 from tests.vusim.guestram import PAGE
+from vhostd.control import format_status, snapshot
+from vhostd.metrics import DaemonCollector
 
 VF = VirtioFeature
 F = FrontendRequest
@@ -164,3 +166,54 @@ async def test_a_log_truncated_while_logging_ends_only_its_connection() -> None:
         await until(lambda: port.session is None)
         assert port.stats.memory_faults == 1
         await traffic(fe2, 2)
+
+
+@pytest.mark.trio
+async def test_status_and_metrics_show_a_port_logging() -> None:
+    async with ports("reflect") as (daemon, (port,)), Frontend.connect(port.config.socket) as fe:
+        await fe.net_setup()
+        fe.post_rx(0, 32)
+        (snap,) = snapshot(daemon)["ports"]
+        assert snap["logging"] is False and snap["log_pages"] == 0
+        await fe.set_log_base()
+        await fe.start_logging()
+        await traffic(fe, 1)
+        (snap,) = snapshot(daemon)["ports"]
+        assert snap["logging"] is True and snap["log_pages"] > 0
+        assert "logging for live migration" in format_status(snapshot(daemon))
+        scraped = {
+            (sample.name, sample.labels.get("port")): sample.value
+            for family in DaemonCollector(daemon).collect()
+            for sample in family.samples
+        }
+        assert scraped[("vhostd_logging", "p0")] == 1
+        assert scraped[("vhostd_log_pages_total", "p0")] == snap["log_pages"]
+        await fe.stop_logging()
+        (snap,) = snapshot(daemon)["ports"]
+        assert snap["logging"] is False and snap["log_pages"] > 0
+
+
+@pytest.mark.trio
+async def test_a_mac_moves_to_its_new_port_at_once() -> None:
+    """After a switch-over the guest speaks from its new port: no wait for ageing."""
+    async with (
+        ports("switch", "switch", "switch") as (daemon, (a, b, p)),
+        Frontend.connect(a.config.socket) as fa,
+        Frontend.connect(b.config.socket) as fb,
+        Frontend.connect(p.config.socket) as fp,
+    ):
+        for fe in (fa, fb, fp):
+            await fe.net_setup()
+            fe.post_rx(0, 32)
+        mac_m, mac_p = bytes.fromhex("525400000002"), bytes.fromhex("525400000003")
+        await fa.send_frames(1, [mac_p + mac_m + b"\x88\xb5" + bytes(46)])
+        await fp.recv_frames(0, count=1, timeout=5)
+        await fb.send_frames(1, [mac_p + mac_m + b"\x88\xb5" + bytes(46)])  # M, now on B
+        await fp.recv_frames(0, count=1, timeout=5)
+        assert daemon.switch.moves == 1
+        for fe in (fa, fb):  # P's MAC was unknown: those two were flooded
+            await fe.recv_frames(0, timeout=0.3)
+        await fp.send_frames(1, [mac_m + mac_p + b"\x88\xb5" + bytes(46)])
+        assert len(await fb.recv_frames(0, count=1, timeout=5)) == 1
+        assert await fa.recv_frames(0, timeout=0.3) == []
+        assert snapshot(daemon)["switch"]["mac_moves"] == 1

@@ -41,6 +41,8 @@ JSON keys (``version`` changes only when a key is renamed or removed):
   - ``connections``, ``disconnects``, ``requests``, ``rx_not_ready`` (frames for
     this guest dropped because none of its RX rings was ready), ``memory_faults``
     (connections closed because guest memory vanished).
+  - ``logging`` (a live migration: LOG_ALL with a dirty log), ``log_pages``
+    (dirty-log bits set, all connections), ``log_resizes``.
   - ``protocol_errors`` and ``queue_faults``: ``{kind: count}``.
   - ``last_error``: the newest protocol error, queue fault or memory fault, kept
     across reconnects: ``{"time"`` (Unix time), ``"age_seconds", "kind",
@@ -59,7 +61,7 @@ JSON keys (``version`` changes only when a key is renamed or removed):
     sent to the front-end), ``miss_timeouts``, ``access_failures``,
     ``blocked_accesses``, ``miss_service_count``, ``miss_service_seconds_sum``.
 
-- ``switch``: ``mac_entries``, ``mac_table_size``, ``flooded``, ``forwarded``,
+- ``switch``: ``mac_entries``, ``mac_table_size``, ``flooded``, ``forwarded``, ``mac_moves``,
   ``filtered``.
 - ``fdb``: the switch's MAC table (``vhostd fdb``), youngest first: ``mac``,
   ``port`` (a port's or a TAP's name), ``kind`` (``port`` or ``tap``),
@@ -85,6 +87,7 @@ import trio
 from protocol import DeviceStatus, ProtocolFeature, VirtioFeature
 
 from . import buildinfo
+from .dirtylog import logged_pages
 from .iotlb import IotlbStats
 from .net import QueueStats
 from .runtime import FileId, SetupError, remove_own_socket
@@ -263,6 +266,11 @@ def port_snapshot(port: Port, learnt: dict[Endpoint, list[str]] | None = None) -
         "requests": stats.requests,
         "rx_not_ready": stats.rx_not_ready,
         "memory_faults": stats.memory_faults,
+        "logging": session is not None and session.logging,
+        "log_pages": logged_pages(
+            stats.log_pages, session.dirty_log if session is not None else None
+        ),
+        "log_resizes": stats.log_resizes,
         "protocol_errors": dict(sorted(stats.protocol_errors.items())),
         "queue_faults": dict(sorted(stats.queue_faults.items())),
         "last_error": _last_error(port),
@@ -298,6 +306,7 @@ def snapshot(daemon: Daemon, now: float | None = None) -> dict[str, Any]:
             "mac_entries": switch.mac_entries,
             "mac_table_size": switch.table_size,
             "flooded": switch.flooded,
+            "mac_moves": switch.moves,
             "forwarded": switch.forwarded,
             "filtered": switch.filtered,
         },
@@ -496,6 +505,8 @@ def format_status(snap: dict[str, Any]) -> str:
                 lines.append(f"  guest MAC: {mac}{others}")
             lines.append(f"  features: {' '.join(p['feature_names']) or '-'}")
             lines.append(f"  protocol features: {' '.join(p['protocol_feature_names']) or '-'}")
+        if p.get("logging"):
+            lines.append(f"  logging for live migration: {p['log_pages']} pages logged")
         err = p.get("last_error")
         if err:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(err["time"]))

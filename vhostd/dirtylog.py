@@ -72,6 +72,11 @@ class DirtyLog:
         self._reservation.retire(self._ptr)
 
 
+def logged_pages(retired: int, live: DirtyLog | None) -> int:
+    """Pages a port logged: its retired logs' count plus the live log's."""
+    return retired + (live.logged if live is not None else 0)
+
+
 def log_size(table: MemoryTable) -> int:
     """Bytes of bitmap the memory table needs: a bit for each page up to its end."""
     end = max((r.gpa + r.size for r in table), default=0)

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from . import buildinfo
 from .control import healthy, iotlb_entries
+from .dirtylog import logged_pages
 from .runtime import SetupError
 from .stats import Histogram
 
@@ -94,6 +95,11 @@ PORT_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "memory_faults",
         "Connections closed because guest memory vanished under the back-end (SIGBUS).",
     ),
+    (
+        "vhostd_log_resizes",
+        "log_resizes",
+        "Dirty logs replaced by a larger one during a migration (SET_LOG_BASE again).",
+    ),
     ("vhostd_iotlb_miss_requests", "iotlb_miss_sent", "IOTLB MISS messages sent to the front-end."),
     (
         "vhostd_iotlb_miss_timeouts",
@@ -121,6 +127,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "vhostd_queue_pairs",
     "vhostd_negotiated_features",
     "vhostd_negotiated_protocol_features",
+    "vhostd_logging",
+    "vhostd_log_pages_total",
     "vhostd_device_status",
     *(f"{name}_total" for name, _, _ in PORT_COUNTERS),
     "vhostd_protocol_errors_total",
@@ -136,6 +144,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "vhostd_switch_forwarded_total",
     "vhostd_switch_flooded_total",
     "vhostd_switch_filtered_total",
+    "vhostd_switch_mac_moves_total",
     "vhostd_tap_packets_total",
     "vhostd_tap_bytes_total",
     "vhostd_tap_drops_total",
@@ -247,6 +256,16 @@ class DaemonCollector(Collector):
             "vhostd_device_status", "Virtio device status byte (SET_STATUS).", labels=["port"]
         )
         counters = _Counters(PORT_COUNTERS, ["port"])
+        logging_ = GaugeMetricFamily(
+            "vhostd_logging",
+            "1 while the port logs every guest write for a live migration (LOG_ALL).",
+            labels=["port"],
+        )
+        log_pages = CounterMetricFamily(
+            "vhostd_log_pages",
+            "Dirty-log bits vhostd set (pages written while a migration logged them).",
+            labels=["port"],
+        )
         errors = CounterMetricFamily(
             "vhostd_protocol_errors",
             "Bad or refused vhost-user messages, by kind.",
@@ -278,6 +297,9 @@ class DaemonCollector(Collector):
             protocol.add_metric(name, session.protocol_features if session else 0)
             status.add_metric(name, session.status if session else 0)
             counters.add(name, port.stats)
+            logging_.add_metric(name, 1 if session is not None and session.logging else 0)
+            live = session.dirty_log if session is not None else None
+            log_pages.add_metric(name, logged_pages(port.stats.log_pages, live))
             for kind, n in sorted(port.stats.protocol_errors.items()):
                 errors.add_metric([port.name, kind], n)
             for kind, n in sorted(port.stats.queue_faults.items()):
@@ -285,6 +307,7 @@ class DaemonCollector(Collector):
             for code in session.diagnosis.findings if session is not None else ():
                 warnings.add_metric([port.name, code], 1)
         yield from (info, connected, pairs, features, protocol, status, warnings)
+        yield from (logging_, log_pages)
         yield from counters
         yield from (errors, faults)
 
@@ -359,6 +382,11 @@ class DaemonCollector(Collector):
             "vhostd_switch_filtered",
             "Frames dropped because the destination is on the sending port.",
             value=switch.filtered,
+        )
+        yield CounterMetricFamily(
+            "vhostd_switch_mac_moves",
+            "MAC addresses that moved to another port at once (a migrated guest).",
+            value=switch.moves,
         )
 
     def _taps(self) -> Iterator[Metric]:

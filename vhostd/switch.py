@@ -44,6 +44,7 @@ class Switch:
         self._touched: dict[Endpoint, None] = {}
         self.flooded = 0
         self.forwarded = 0
+        self.moves = 0
         self.filtered = 0
         self.now = time.monotonic()
 
@@ -78,6 +79,8 @@ class Switch:
         if not smac[0] & 1:
             entry = table.get(smac)
             if entry is None or entry[0] is not src:
+                if entry is not None:
+                    self.moves += 1  # a migrated guest: its new port owns the MAC at once
                 table[smac] = (src, now)
                 table.move_to_end(smac)
                 if len(table) > self.table_size:
