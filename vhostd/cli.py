@@ -5,8 +5,10 @@
 [--metrics-listen ADDR] [--control-socket PATH]`` serves ports until SIGINT or SIGTERM;
 ``vhostd check-config FILE`` reports every problem in a configuration file
 with its line, then what would stop it on this system; ``vhostd status [--json]
-[--control-socket PATH]`` shows what a running daemon is doing (ports, features,
-rings, counters); ``vhostd reload`` makes it re-read its file and prints the verdict.
+[--fdb] [--control-socket PATH]`` shows what a running daemon is doing (ports, features,
+rings, counters, warnings; ``--fdb`` adds the switch's MAC table, which ``vhostd fdb``
+shows alone); ``vhostd reload`` makes it re-read its file and prints the verdict;
+``vhostd --version`` names the build.
 
 ``vhostd run`` exits 0 when stopped, 78 (EX_CONFIG) when the configuration or
 what it names on this system must be fixed first (each problem one line on
@@ -109,8 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
     fdb = sub.add_parser("fdb", help="show the switch's MAC table: MAC, port, age")
     fdb.add_argument("--json", action="store_true", help="print the entries as JSON")
-    fdb.add_argument("--control-socket", metavar="PATH", help="as for status")
-    fdb.add_argument("--config", metavar="FILE", help="as for status")
+    _control_socket_args(fdb)
 
     status = sub.add_parser("status", help="show a running daemon's ports and counters")
     status.add_argument("--fdb", action="store_true", help="also list the switch's MAC table")

@@ -366,6 +366,14 @@ class Session:
             self.table.add(payload.region, msg.fds[0])
         except MemoryError_ as exc:
             raise RequestFailed("bad_memory_region", str(exc)) from None
+        log.info(
+            "%s: memory region added: gpa %#x, %d MiB (%d region(s), %d not sealed)",
+            self.name,
+            payload.region.guest_phys_addr,
+            payload.region.memory_size >> 20,
+            len(self.table),
+            self.table.unsealed,
+        )
         self._kick_all()
 
     def _rem_mem_reg(self, msg: Message) -> None:
