@@ -656,3 +656,32 @@ def test_check_config_while_the_daemon_runs(tmp_sock_dir: Path, tmp_path: Path) 
         write_config(cfg, [("a", a), ("b", tmp_sock_dir / "x" / "b.sock")])
         done = vhostd("check-config", str(cfg))
         assert done.returncode == 1 and "port[1].socket: directory" in done.stdout, done
+
+
+def test_check_config_tap_checks(tmp_sock_dir: Path, netns: Netns) -> None:
+    """In a namespace, without CAP_NET_ADMIN: what check-config says of each TAP."""
+    netns.add_tap("pretap")  # up, no owner: anyone may attach
+    netns.run(["ip", "tuntap", "add", "dev", "downtap", "mode", "tap"])  # not up
+    netns.run(["ip", "tuntap", "add", "dev", "busytap", "mode", "tap"])
+    netns.run(["ip", "link", "set", "busytap", "up"])
+    hold_tap(netns, "busytap")
+    netns.run(["ip", "link", "add", "br0", "type", "bridge"])
+    taps = ["pretap", "downtap", "busytap", "br0", "newtap"]
+    cfg = write_config(tmp_sock_dir / "vhostd.toml", [("a", tmp_sock_dir / "a.sock")], taps=taps)
+    no_cap = ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"]
+    done = vhostd("check-config", str(cfg), wrapper=netns.exec_argv(no_cap))
+    assert done.returncode == 1, done
+    name = str(cfg)
+    assert done.stdout.splitlines() == [
+        f"{name}:13: tap[1].name: without CAP_NET_ADMIN vhostd cannot configure TAP downtap: "
+        "do it beforehand (ip link set downtap up)",
+        f"{name}:16: tap[2].name: TAP busytap is busy: another process has it open (its carrier "
+        "is up): stop it or fix name=",
+        f"{name}:19: tap[3].name: an interface br0 exists and is not a TAP (ip -d link show "
+        "br0): remove it or fix name=",
+        f"{name}:22: tap[4].name: user root lacks CAP_NET_ADMIN, so it cannot create TAP "
+        "newtap: grant CAP_NET_ADMIN, or pre-create the TAP for it: ip tuntap add dev newtap "
+        "mode tap user root",
+    ], done.stdout
+    with_cap = vhostd("check-config", str(cfg), wrapper=netns.exec_argv([]))
+    assert with_cap.returncode == 1 and len(with_cap.stdout.splitlines()) == 2, with_cap
