@@ -248,6 +248,29 @@ def test_reload_outcome_in_snapshot_and_metrics(tmp_sock_dir: Path) -> None:
     assert leftovers(tmp_sock_dir) == []
 
 
+def test_a_reload_bug_costs_the_reload_not_the_daemon(
+    tmp_sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = tmp_sock_dir / "a.sock"
+    cfg = write_config(tmp_sock_dir / "vhostd.toml", [("a", a)])
+    daemon = Daemon(load_config(cfg), str(cfg))
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            write_config(cfg, [("a", a), ("b", tmp_sock_dir / "b.sock")])
+            monkeypatch.setattr(daemon, "_prepare", broken)
+            assert not daemon.reload()
+            assert daemon.reload_status.error == "internal error: RuntimeError('a bug')"
+            await accepts(a)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 # -- a second instance -----------------------------------------------------------------
 
 

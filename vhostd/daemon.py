@@ -22,7 +22,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import trio
 
@@ -70,7 +70,15 @@ class Daemon:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled or signalled to stop; SetupError if it cannot start."""
+        """Serve until cancelled or signalled to stop; SetupError if it cannot start.
+
+        The signal handlers come first: a SIGTERM while sockets are being bound waits
+        for them to be served and is then a clean stop, not a death that leaves them.
+        """
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            await self._run(signals, task_status)
+
+    async def _run(self, signals: AsyncIterator[int], task_status: trio.TaskStatus[Daemon]) -> None:
         inherited = dict(systemd.listen_fds())
         lock = InstanceLock.acquire(self.config.control_socket)
         try:
@@ -92,7 +100,7 @@ class Daemon:
                         self._start_port(port)
                     for tap in taps:
                         self._start_tap(tap)
-                    nursery.start_soon(self._signals, nursery.cancel_scope)
+                    nursery.start_soon(self._signals, signals, nursery.cancel_scope)
                     nursery.start_soon(self._expire_macs)
                     self.control_path = await nursery.start(serve_control, self, control)
                     if metrics is not None:
@@ -143,6 +151,9 @@ class Daemon:
                 except SetupError as exc:
                     problems += exc.problems
                     continue
+                except OSError as exc:  # not foreseen by listen(): still one line
+                    problems.append(f"port {cfg.name}: {cfg.socket}: {exc.strerror or exc}")
+                    continue
                 ports.append(port)
             for tap_cfg in tap_configs:
                 tap = TapUplink(tap_cfg.name, self.switch, tap_cfg.mtu)
@@ -150,6 +161,9 @@ class Daemon:
                     tap.open()
                 except SetupError as exc:
                     problems += exc.problems
+                    continue
+                except OSError as exc:
+                    problems.append(f"tap {tap_cfg.name}: {exc.strerror or exc}")
                     continue
                 if tap.created:
                     self.created_taps.add(tap.name)
@@ -218,15 +232,14 @@ class Daemon:
             await trio.sleep(SWITCH_EXPIRE_SECONDS)
             self.switch.expire()
 
-    async def _signals(self, scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    self.reload()
-                    continue
-                log.info("received %s, stopping", signal.Signals(signum).name)
-                scope.cancel()
-                return
+    async def _signals(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                self.reload()
+                continue
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            scope.cancel()
+            return
 
     # -- reload ----------------------------------------------------------------------
 
@@ -239,11 +252,15 @@ class Daemon:
         systemd.reloading()
         try:
             changes = self._reload()
-        except SetupError as exc:
-            for problem in exc.problems:
+        except Exception as exc:
+            # A bug in a reload must cost that reload, never the running guests.
+            problems = exc.problems if isinstance(exc, SetupError) else [f"internal error: {exc!r}"]
+            if not isinstance(exc, SetupError):
+                log.exception("reload failed")
+            for problem in problems:
                 log.error("reload refused: %s", problem)
             log.error("the previous configuration stays in force")
-            self.reload_status.refused(exc.problems)
+            self.reload_status.refused(problems)
             systemd.ready(f"serving {len(self.ports)} port(s); last reload refused")
             return False
         self.reload_status.applied(changes)
