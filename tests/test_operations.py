@@ -304,7 +304,8 @@ def test_second_instance_refuses_and_the_first_keeps_serving(
 
             await trio.sleep(0.5)
             assert a.exists() and a.stat().st_ino == inode
-            assert traffic.max_gap(start, time.monotonic()) < 1.0
+            assert traffic.max_gap(start, time.monotonic()) < 2.0, traffic.rounds
+            assert len([t for t in traffic.rounds if t >= start]) > 10
             traffic.stop.set()
         await accepts(a)  # and a new front-end is served
 
@@ -477,7 +478,7 @@ def test_bad_reloads_are_refused_while_traffic_flows(
             assert await trio.to_thread.run_sync(link, netns, "vtapnew") is None
             await trio.sleep(0.5)
             end = time.monotonic()
-            assert traffic.max_gap(start, end) < 1.0, traffic.rounds
+            assert traffic.max_gap(start, end) < 2.0, traffic.rounds
             assert len([t for t in traffic.rounds if t >= start]) > 10
             traffic.stop.set()
 
