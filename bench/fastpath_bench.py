@@ -110,7 +110,7 @@ def run(
         tx = (FastTxQueue if fast else TxQueue)(txq, FEATURES, 1518)
         rx = (FastRxQueue if fast else RxQueue)(rxq, FEATURES)
 
-        def reflect(frame: memoryview) -> None:
+        def reflect(frame: memoryview, hdr: object) -> None:
             out = bytearray(frame)
             out[0:6], out[6:12] = out[6:12], out[0:6]
             rx.deliver(out)

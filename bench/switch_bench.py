@@ -20,6 +20,7 @@ import time
 from bench.fastpath_bench import FEATURES, SIZE, dirty_log, queue, setup
 from vhostd.fastpath import FastRxQueue, FastTxQueue, FrameBurst
 from vhostd.net import Frame
+from vhostd.offload import PLAIN, VnetHeader
 from vhostd.switch import Switch
 
 MAC_A = bytes.fromhex("020000000002")
@@ -33,8 +34,8 @@ class Guest:
         self.name = name
         self.rx = rx
 
-    def send(self, frame: Frame) -> None:
-        if self.rx is not None and not self.rx.deliver(frame):
+    def send(self, frame: Frame, hdr: VnetHeader = PLAIN) -> None:
+        if self.rx is not None and not self.rx.deliver(frame, hdr):
             raise AssertionError("the bench RX ring ran out")
 
     def send_burst(self, burst: FrameBurst, start: int, swap: bool, end: int | None = None) -> int:
@@ -104,8 +105,8 @@ class _Port:
     def _forward_burst(self, session: object, burst: FrameBurst) -> None:
         self.switch.forward_burst(self.a, burst)
 
-    def _sink(self, frame: memoryview) -> None:
-        self.switch.forward(self.a, frame)
+    def _sink(self, frame: memoryview, hdr: VnetHeader) -> None:
+        self.switch.forward(self.a, frame, hdr)
 
 
 def main() -> None:

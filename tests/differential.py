@@ -313,7 +313,7 @@ def run_tx(s: Scenario, cls: type[TxQueue]) -> dict[str, Any]:
     tx = cls(q, s.features, 1600, QueueStats())
     out: list[bytes] = []
     events: list[Any] = []
-    sink = None if s.discard else (lambda v: out.append(bytes(v)))
+    sink = None if s.discard else (lambda v, h: out.append(bytes(v)))
     for i, limit in enumerate(s.limits):
         ok, n = retry(s, events, lambda limit=limit: tx.burst(sink, limit))
         events.append(("burst", n))

@@ -122,7 +122,7 @@ def test_a_tx_buffer_over_the_used_ring_reads_it_before_the_burst_is_returned() 
         q = g.queue(g.tx, 1)
         tx = (FastTxQueue if fast else TxQueue)(q, V1, 1514, QueueStats())
         frames: list[bytes] = []
-        n = error(lambda: tx.burst(lambda f: frames.append(bytes(f))))
+        n = error(lambda: tx.burst(lambda f, h: frames.append(bytes(f))))
         return observe(g, [q], [tx.stats], (n, frames))
 
     both(run)
@@ -139,7 +139,7 @@ def test_reflecting_into_a_later_tx_header_does_not_change_whether_it_is_sent() 
         tx = (FastTxQueue if fast else TxQueue)(tq, V1, 1514, QueueStats())
         rx = (FastRxQueue if fast else RxQueue)(rq, V1, QueueStats())
         rq.refresh()
-        n = error(lambda: tx.burst(lambda f: rx.deliver(bytes(f[6:12]) + bytes(f[:6]) + f[12:])))
+        n = error(lambda: tx.burst(lambda f, h: rx.deliver(bytes(f[6:12]) + bytes(f[:6]) + f[12:])))
         rq.publish()
         return observe(g, [tq, rq], [tx.stats, rx.stats], n)
 
@@ -166,7 +166,7 @@ def test_a_burst_takes_every_chain_it_is_allowed_past_256() -> None:
         q = g.queue(g.tx, 1)
         tx = (FastTxQueue if fast else TxQueue)(q, V1, 1514, QueueStats())
         frames: list[bytes] = []
-        n = error(lambda: tx.burst(lambda f: frames.append(bytes(f)), 400))
+        n = error(lambda: tx.burst(lambda f, h: frames.append(bytes(f)), 400))
         assert n == 400
         return observe(g, [q], [tx.stats], (n, frames))
 
@@ -188,10 +188,10 @@ def test_switching_access_platform_under_running_rings_drops_every_cached_transl
         q = g.queue(g.tx, 1)
         tx = (FastTxQueue if fast else TxQueue)(q, V1, 1514, QueueStats())
         frames: list[bytes] = []
-        first = error(lambda: tx.burst(lambda f: frames.append(bytes(f))))
+        first = error(lambda: tx.burst(lambda f, h: frames.append(bytes(f))))
         g.tx_frame(b"second" * 10)
         g.mem.iotlb = IoTlb() if turn_on else None
-        second = error(lambda: tx.burst(lambda f: frames.append(bytes(f))))
+        second = error(lambda: tx.burst(lambda f, h: frames.append(bytes(f))))
         return observe(g, [q], [tx.stats], (first, second, frames))
 
     def setup_and_run(g: Guest, fast: bool) -> Any:

@@ -24,6 +24,7 @@ from tests.vusim.frontend import DEFAULT_NET_FEATURES, Frontend
 from vhostd import fastpath
 from vhostd.daemon import Daemon
 from vhostd.net import Frame
+from vhostd.offload import PLAIN, VnetHeader
 from vhostd.port import Port
 
 pytestmark = pytest.mark.skipif(
@@ -65,7 +66,7 @@ class Uplink:
     def __init__(self) -> None:
         self.got: list[bytes] = []
 
-    def send(self, frame: Frame) -> None:
+    def send(self, frame: Frame, hdr: VnetHeader = PLAIN) -> None:
         self.got.append(bytes(frame))
 
     def flush(self) -> None:

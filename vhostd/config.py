@@ -78,6 +78,17 @@ class FeatureConfig:
     mtu: bool = True
     status: bool = True
     any_layout: bool = True
+    # Offloads (virtio-net header metadata). csum: the guest may hand over frames
+    # with the checksum left to the device (CSUM); host_tso: and TCP super-frames
+    # of up to 64 KiB (HOST_TSO4/6, needs csum); guest_csum / guest_tso: the
+    # guest takes them (GUEST_CSUM, GUEST_TSO4/6, needs guest_csum); ecn: the
+    # ECN flag on super-frames, both ways (HOST_ECN/GUEST_ECN, with the TSOs).
+    # Receivers that lack one get frames segmented/checksummed by vhostd.
+    csum: bool = True
+    guest_csum: bool = True
+    host_tso: bool = True
+    guest_tso: bool = True
+    ecn: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +240,9 @@ def _syntax_problem(message: str, text: str, filename: str) -> ConfigProblem:
 _TOP_KEYS: Final = ("log_level", "control_socket", "metrics", "switch", "port", "tap")
 _PORT_KEYS: Final = tuple(f.name for f in dataclasses.fields(PortConfig))
 _FEATURE_KEYS: Final = tuple(f.name for f in dataclasses.fields(FeatureConfig))
+_FEATURE_DEFAULTS: Final[dict[str, bool]] = {
+    f.name: bool(f.default) for f in dataclasses.fields(FeatureConfig)
+}
 _TAP_KEYS: Final = tuple(f.name for f in dataclasses.fields(TapConfig))
 _SWITCH_KEYS: Final = tuple(f.name for f in dataclasses.fields(SwitchConfig))
 _METRICS_KEYS: Final = tuple(f.name for f in dataclasses.fields(MetricsConfig))
@@ -540,7 +554,10 @@ def _port(c: _Checker, raw: Mapping[str, Any], i: int) -> tuple[int, PortConfig,
     features_raw = c.table(raw, path, "features")
     c.known_keys(features_raw, f"{path}.features", _FEATURE_KEYS)
     features = FeatureConfig(
-        **{key: c.boolean(features_raw, f"{path}.features", key, True) for key in _FEATURE_KEYS}
+        **{
+            key: c.boolean(features_raw, f"{path}.features", key, _FEATURE_DEFAULTS[key])
+            for key in _FEATURE_KEYS
+        }
     )
     queue_pairs = c.integer(raw, path, "queue_pairs", 4, 1, MAX_QUEUE_PAIRS)
     if queue_pairs > 1 and not features.mq and "queue_pairs" in raw:

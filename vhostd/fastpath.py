@@ -26,6 +26,7 @@ from .guestmem import OutsideMemory
 from .iotlb import IotlbError
 from .native import ffi, lib
 from .net import BURST, Frame, QueueStats, Sink
+from .offload import PLAIN, BadHeader, VnetHeader, check_tx
 from .virtqueue import QueueError, QueueFault, SplitQueue, local_address
 
 __all__ = ["ENABLED", "FastRxQueue", "FastTxQueue", "FrameBurst", "RxQueue", "TxQueue"]
@@ -267,14 +268,18 @@ class FastTxQueue(net.TxQueue):
                     stats.bad_header += vq.bad_header
                     vq.packets = vq.bytes = vq.dropped = vq.bad_header = 0
                 n = nframes[0]
-                if n and batch is not None:
+                if vq.vnet_frames:
+                    vq.vnet_frames = 0
+                    assert sink is not None
+                    self._offloaded(frames, n, sink, batch)
+                elif n and batch is not None:
                     batch(FrameBurst(frames, n))
                 elif n:
                     assert sink is not None
                     buffer = ffi.buffer
                     for i in range(n):
                         f = frames[i]
-                        sink(memoryview(buffer(f.ptr, f.len)))
+                        sink(memoryview(buffer(f.ptr, f.len)), PLAIN)
                 if rc == DONE:
                     if took < chunk:
                         break  # the ring is empty
@@ -291,11 +296,11 @@ class FastTxQueue(net.TxQueue):
                 if rc == SLOW:
                     stalls = 0
                     # The reference judges this chain; it is returned with the rest.
-                    head, frame = self.take(done, sink is not None)
+                    head, frame, hdr = self.take(done, sink is not None)
                     ring.heads[done].id = head
                     done += 1
                     if frame is not None:
-                        sink(frame)  # type: ignore[misc]
+                        sink(frame, hdr)  # type: ignore[misc]
                     continue
                 raise ring.error()
         finally:
@@ -305,6 +310,51 @@ class FastTxQueue(net.TxQueue):
                 q.publish()
                 stats.bursts += 1
         return done
+
+    def _offloaded(self, frames: Any, n: int, sink: Sink, batch: Any) -> None:
+        """Pass on frames of which some carry an offload header, as the reference would.
+
+        Every header is judged first (``offload.check_tx``; a refused frame is
+        uncounted as sent and counted as dropped, as ``take`` counts it), then
+        the frames go in order: runs without offloads as bursts, the others
+        one by one with their header.
+        """
+        stats = self.stats
+        buffer = ffi.buffer
+        hdrs: list[VnetHeader | None] = []
+        for i in range(n):
+            f = frames[i]
+            if f.vnet == ffi.NULL:
+                hdrs.append(PLAIN)
+                continue
+            got = check_tx(buffer(f.vnet, 10)[:], buffer(f.ptr, f.len), self.features)
+            if isinstance(got, BadHeader):
+                stats.packets -= 1
+                stats.bytes -= f.len
+                stats.dropped += 1
+                stats.bad_header += 1
+                stats.bad_headers[got.value] += 1
+                hdrs.append(None)
+                continue
+            if got.gso_type:
+                stats.gso_packets += 1
+            else:
+                stats.csum_partial += 1
+            hdrs.append(got)
+        start = 0
+        for i in range(n + 1):
+            hdr = hdrs[i] if i < n else None
+            if hdr is PLAIN:
+                continue
+            if i > start:  # the run of plain frames before this one
+                if batch is not None:
+                    batch(FrameBurst(frames + start, i - start))
+                else:
+                    for k in range(start, i):
+                        sink(memoryview(buffer(frames[k].ptr, frames[k].len)), PLAIN)
+            if hdr is not None:
+                sink(memoryview(buffer(frames[i].ptr, frames[i].len)), hdr)
+            start = i + 1
 
 
 class FastRxQueue(net.RxQueue):
@@ -324,30 +374,34 @@ class FastRxQueue(net.RxQueue):
         self._hdr_c = ffi.new("uint8_t[]", bytes(self.hdr))
         self._done = ffi.new("uint32_t *")
 
-    def deliver(self, frame: Frame) -> bool:
+    def deliver(self, frame: Frame, hdr: VnetHeader = PLAIN) -> bool:
         q = self.queue
         ring = self._ring
         if q._gen != ring._gen or q.log is not ring._log:
             ring.sync()
         if ring._gen is None:
-            return net.RxQueue.deliver(self, frame)  # no views: fail exactly like the reference
+            # no views: fail exactly like the reference
+            return net.RxQueue.deliver(self, frame, hdr)
         with ffi.from_buffer("uint8_t[]", frame) as data:
-            return self._deliver(ring, frame, data)
+            return self._deliver(ring, frame, data, hdr)
 
-    def _deliver(self, ring: _Ring, frame: Frame, data: Any) -> bool:
+    def _deliver(self, ring: _Ring, frame: Frame, data: Any, hdr: VnetHeader) -> bool:
         q = self.queue
         vq = ring.vq
         stalls = 0
+        hdr_c = self._hdr_c if hdr is PLAIN else ffi.new("uint8_t[]", bytes(self.header_for(hdr)))
         while True:
             vq.last_avail, vq.last_used = q.last_avail, q.last_used
             rc = lib.vhostd_rx_deliver(
-                vq, ring.cache, data, len(data), self.mergeable, self.hdr_len, self._hdr_c
+                vq, ring.cache, data, len(data), self.mergeable, self.hdr_len, hdr_c
             )
             q.last_avail, q.last_used = vq.last_avail, vq.last_used
             if rc == DONE:
                 stats = self.stats
                 stats.packets += 1
                 stats.bytes += len(data)
+                if hdr is not PLAIN:
+                    self.count_offload(hdr)
                 return True
             if rc == NOBUF:
                 return False
@@ -360,7 +414,7 @@ class FastRxQueue(net.RxQueue):
                     continue
                 rc = SLOW
             if rc == SLOW:
-                return net.RxQueue.deliver(self, frame)  # the reference takes this frame
+                return net.RxQueue.deliver(self, frame, hdr)  # the reference takes this frame
             raise ring.error()
 
     def deliver_batch(

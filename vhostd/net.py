@@ -10,20 +10,20 @@ Counters are plain ints, published elsewhere once per burst.
 from __future__ import annotations
 
 import struct
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protocol.enums import VirtioFeature as VF
 
+from .offload import MAX_OFFLOAD_FRAME, PLAIN, BadHeader, VnetHeader, check_tx
 from .virtqueue import QueueError, QueueFault, SplitQueue
 
 ETH_HLEN = 14
 MIN_FRAME = ETH_HLEN
 HDR_V1 = 12
 HDR_LEGACY = 10
-GSO_NONE = 0
-HDR_F_NEEDS_CSUM = 1
+HOST_TSO = VF.NET_HOST_TSO4 | VF.NET_HOST_TSO6
 NUM_BUFFERS = struct.Struct("<H")
 BURST = 256
 """Chains a TX queue takes per wake-up; each burst pays the task switch, the
@@ -31,7 +31,8 @@ switch flush and the interrupt decision once, so bigger is cheaper per packet
 until one ring would starve the others (every burst ends with a checkpoint)."""
 
 Frame = bytes | bytearray | memoryview
-Sink = Callable[[memoryview], None]
+Sink = Callable[[memoryview, VnetHeader], None]
+"""Takes a transmitted frame and its accepted offload header (``offload.PLAIN`` for none)."""
 
 # What a net back-end without offloads can honour. QEMU handles the control
 # queue, MAC and STATUS itself; DPDK's virtio-user wants CTRL_VQ for MQ.
@@ -57,6 +58,11 @@ def header_size(features: int) -> int:
     return HDR_V1 if features & (VF.VERSION_1 | VF.NET_MRG_RXBUF) else HDR_LEGACY
 
 
+def max_tx_frame(features: int, mtu: int) -> int:
+    """The longest frame a driver may transmit: 64 KiB GSO frames once HOST_TSO is agreed."""
+    return MAX_OFFLOAD_FRAME if features & HOST_TSO else mtu + 18
+
+
 @dataclass(slots=True)
 class QueueStats:
     """Per-queue counters: plain ints, read by the metrics publisher."""
@@ -69,6 +75,12 @@ class QueueStats:
     interrupts: int = 0
     suppressed: int = 0
     bursts: int = 0
+    gso_packets: int = 0
+    """TX: GSO super-frames taken; RX: GSO super-frames delivered whole."""
+    csum_partial: int = 0
+    """TX: frames taken with NEEDS_CSUM; RX: delivered with NEEDS_CSUM (checksum left open)."""
+    bad_headers: Counter[str] = field(default_factory=Counter)
+    """TX: ``bad_header`` drops by reason (``offload.BadHeader``)."""
 
 
 def _gather(views: list[memoryview], skip: int) -> memoryview:
@@ -102,12 +114,13 @@ def _scatter(views: list[memoryview], offset: int, data: Frame) -> None:
 class TxQueue:
     """A transmit queue (odd index): the driver's frames leave through ``sink``."""
 
-    __slots__ = ("hdr_len", "max_frame", "queue", "stats")
+    __slots__ = ("features", "hdr_len", "max_frame", "queue", "stats")
 
     def __init__(
         self, queue: SplitQueue, features: int, max_frame: int, stats: QueueStats | None = None
     ) -> None:
         self.queue = queue
+        self.features = features
         self.hdr_len = header_size(features)
         self.max_frame = max_frame
         self.stats = stats if stats is not None else QueueStats()
@@ -128,19 +141,19 @@ class TxQueue:
         q.refresh()
         n = min(q.available(), limit)
         stats = self.stats
-        frames: list[memoryview] = []
+        frames: list[tuple[memoryview, VnetHeader]] = []
         heads: list[int] = []
         try:
             while len(heads) < n:
-                head, frame = self.take(len(heads), sink is not None)
+                head, frame, hdr = self.take(len(heads), sink is not None)
                 if frame is not None:
-                    frames.append(frame)
+                    frames.append((frame, hdr))
                 heads.append(head)
         finally:
             if heads:
                 try:
-                    for frame in frames:
-                        sink(frame)  # type: ignore[misc]
+                    for frame, hdr in frames:
+                        sink(frame, hdr)  # type: ignore[misc]
                 finally:
                     for head in heads:
                         q.put(head, 0)
@@ -148,11 +161,12 @@ class TxQueue:
                     stats.bursts += 1
         return len(heads)
 
-    def take(self, nth: int, gather: bool) -> tuple[int, memoryview | None]:
+    def take(self, nth: int, gather: bool) -> tuple[int, memoryview | None, VnetHeader]:
         """Walk and judge the ``nth`` chain not yet taken, counting it; nothing is put.
 
         Returns its head and, if ``gather`` and the frame is to be sent, the
-        frame's bytes (valid until the next await). Raises what the walk raises.
+        frame's bytes (valid until the next await) with its accepted offload
+        header. Raises what the walk raises.
         """
         q = self.queue
         stats = self.stats
@@ -161,21 +175,41 @@ class TxQueue:
         size = q.walk(head, False, views) - self.hdr_len
         if size < MIN_FRAME or size > self.max_frame:
             stats.dropped += 1
-            return head, None
-        if not self._header_ok(views):
-            stats.bad_header += 1
-            stats.dropped += 1
-            return head, None
+            return head, None, PLAIN
+        raw = _header_bytes(views)
+        hdr = PLAIN
+        frame = None
+        if raw[0] & 1 or raw[1]:  # NEEDS_CSUM or a GSO type: judged against the frame
+            frame = _gather(views, self.hdr_len)
+            got = check_tx(raw, frame, self.features)
+            if isinstance(got, BadHeader):
+                stats.bad_header += 1
+                stats.bad_headers[got.value] += 1
+                stats.dropped += 1
+                return head, None, PLAIN
+            hdr = got
+            if hdr.gso_type:
+                stats.gso_packets += 1
+            else:
+                stats.csum_partial += 1
         stats.packets += 1
         stats.bytes += size
-        return head, _gather(views, self.hdr_len) if gather else None
+        if gather and frame is None:
+            frame = _gather(views, self.hdr_len)
+        return head, frame if gather else None, hdr
 
-    def _header_ok(self, views: list[memoryview]) -> bool:
-        # Without CSUM or GSO offered, the only valid header is the empty one.
-        first = views[0]
-        if len(first) >= 2:
-            return first[0] & HDR_F_NEEDS_CSUM == 0 and first[1] == GSO_NONE
-        return True
+
+def _header_bytes(views: list[memoryview]) -> bytes:
+    """The first ten bytes of the chain (the offload part of the header), however split."""
+    first = views[0]
+    if len(first) >= 10:
+        return bytes(first[:10])
+    out = b""
+    for view in views:
+        out += bytes(view[: 10 - len(out)])
+        if len(out) == 10:
+            break
+    return out
 
 
 class RxQueue:
@@ -211,24 +245,42 @@ class RxQueue:
         if self.hdr_len == HDR_V1:
             NUM_BUFFERS.pack_into(self.hdr, 10, 1)
         self.stats = stats if stats is not None else QueueStats()
-        self.backlog: deque[bytes] = deque()
+        self.backlog: deque[tuple[bytes, VnetHeader]] = deque()
         self.backlog_limit = backlog_limit
         self.stalled_at = 0
 
-    def enqueue(self, frame: Frame) -> None:
+    def enqueue(self, frame: Frame, hdr: VnetHeader = PLAIN) -> None:
         """Keep a copy of ``frame`` for later delivery, or drop it if full."""
         if len(self.backlog) >= self.backlog_limit:
             self.stats.dropped += 1
         else:
-            self.backlog.append(bytes(frame))
+            self.backlog.append((bytes(frame), hdr))
 
-    def deliver(self, frame: Frame) -> bool:
+    def header_for(self, hdr: VnetHeader) -> bytearray:
+        """The header bytes to write before a frame with offload ``hdr`` (num_buffers 1).
+
+        The caller made sure this receiver negotiated what ``hdr`` asks of it.
+        """
+        out = bytearray(hdr.pack().ljust(self.hdr_len, b"\0"))
+        if self.hdr_len == HDR_V1:
+            NUM_BUFFERS.pack_into(out, 10, 1)
+        return out
+
+    def count_offload(self, hdr: VnetHeader) -> None:
+        if hdr.gso_type:
+            self.stats.gso_packets += 1
+        elif hdr.flags & 1:
+            self.stats.csum_partial += 1
+
+    def deliver(self, frame: Frame, hdr: VnetHeader = PLAIN) -> bool:
         """Copy one frame into the ring now; False if no buffer (nothing taken).
 
-        Raises IotlbMiss or QueueError like the ring walker; the caller
-        publishes and interrupts once per burst.
+        ``hdr`` is the offload header written before it (one this receiver
+        can take). Raises IotlbMiss or QueueError like the ring walker; the
+        caller publishes and interrupts once per burst.
         """
         q = self.queue
+        header = self.hdr if hdr is PLAIN else self.header_for(hdr)
         need = self.hdr_len + len(frame)
         views: list[memoryview] = []
         if not self.mergeable:
@@ -240,7 +292,7 @@ class RxQueue:
             if room < need:
                 self.stats.dropped += 1
                 return True
-            _scatter(views, 0, self.hdr)
+            _scatter(views, 0, header)
             _scatter(views, self.hdr_len, frame)
             if q.log is not None:
                 self._log(views, need)
@@ -258,9 +310,8 @@ class RxQueue:
                 self._check_room(head, got)
                 heads.append((head, got, start))
                 room += got
-            hdr = self.hdr
-            NUM_BUFFERS.pack_into(hdr, 10, len(heads))
-            _scatter(views, 0, hdr)
+            NUM_BUFFERS.pack_into(header, 10, len(heads))
+            _scatter(views, 0, header)
             _scatter(views, self.hdr_len, frame)
             if q.log is not None:
                 self._log(views, need)
@@ -271,6 +322,8 @@ class RxQueue:
                 left -= used
         self.stats.packets += 1
         self.stats.bytes += len(frame)
+        if hdr is not PLAIN:
+            self.count_offload(hdr)
         return True
 
     def _log(self, views: list[memoryview], written: int) -> None:
@@ -310,7 +363,7 @@ class RxQueue:
         done = 0
         while backlog:
             seen = q.avail_idx()
-            if not self.deliver(backlog[0]):
+            if not self.deliver(*backlog[0]):
                 self.stalled_at = seen
                 break
             backlog.popleft()

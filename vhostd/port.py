@@ -22,6 +22,7 @@ from protocol import FrontendRequest, VirtioFeature
 from .channel import Channel
 from .config import PortConfig, PortMode
 from .net import BASE_FEATURES, Frame
+from .offload import OFFLOAD_FEATURES, PLAIN, VnetHeader
 from .runtime import (
     FileId,
     SetupError,
@@ -53,7 +54,13 @@ _FEATURE_SWITCHES: tuple[tuple[str, int], ...] = (
     ("mtu", VF.NET_MTU),
     ("status", VF.NET_STATUS),
     ("any_layout", VF.ANY_LAYOUT),
+    ("csum", VF.NET_CSUM | VF.NET_HOST_TSO4 | VF.NET_HOST_TSO6 | VF.NET_HOST_ECN),
+    ("host_tso", VF.NET_HOST_TSO4 | VF.NET_HOST_TSO6 | VF.NET_HOST_ECN),
+    ("guest_csum", VF.NET_GUEST_CSUM | VF.NET_GUEST_TSO4 | VF.NET_GUEST_TSO6 | VF.NET_GUEST_ECN),
+    ("guest_tso", VF.NET_GUEST_TSO4 | VF.NET_GUEST_TSO6 | VF.NET_GUEST_ECN),
+    ("ecn", VF.NET_HOST_ECN | VF.NET_GUEST_ECN),
 )
+"""Switches and the feature bits each one turns off (with what depends on them)."""
 
 
 class Port:
@@ -71,7 +78,7 @@ class Port:
         self._inherited = False
         self._created: FileId | None = None
         """The socket file this port bound (removed at close only if still that file)."""
-        self._forward: Callable[[Session, Frame], None] = {
+        self._forward: Callable[[Session, Frame, VnetHeader], None] = {
             PortMode.SWITCH: self._to_switch,
             PortMode.REFLECT: self._reflect,
             PortMode.SINK: _drop,
@@ -91,7 +98,7 @@ class Port:
     # -- what the device offers --------------------------------------------
 
     def offered_features(self) -> int:
-        features = int(BASE_FEATURES)
+        features = int(BASE_FEATURES | OFFLOAD_FEATURES)
         for name, bits in _FEATURE_SWITCHES:
             if not getattr(self.config.features, name):
                 features &= ~bits
@@ -113,23 +120,23 @@ class Port:
     def tick(self) -> None:
         self.switch.tick()
 
-    def forward(self, session: Session, frame: Frame) -> None:
+    def forward(self, session: Session, frame: Frame, hdr: VnetHeader = PLAIN) -> None:
         """Send a frame the guest transmitted to wherever this port's mode says."""
-        self._forward(session, frame)
+        self._forward(session, frame, hdr)
 
     def flush(self) -> None:
         self.switch.flush()
 
-    def _to_switch(self, session: Session, frame: Frame) -> None:
-        self.switch.forward(session, frame)
+    def _to_switch(self, session: Session, frame: Frame, hdr: VnetHeader) -> None:
+        self.switch.forward(session, frame, hdr)
 
     def _switch_burst(self, session: Session, burst: FrameBurst) -> None:
         self.switch.forward_burst(session, burst)
 
-    def _reflect(self, session: Session, frame: Frame) -> None:
+    def _reflect(self, session: Session, frame: Frame, hdr: VnetHeader = PLAIN) -> None:
         out = bytearray(frame)
         out[0:6], out[6:12] = out[6:12], out[0:6]
-        session.send(out)
+        session.send(out, hdr)
         self.switch.touch(session)
 
     def _reflect_burst(self, session: Session, burst: FrameBurst) -> None:
@@ -256,5 +263,5 @@ class Port:
             self._created = None
 
 
-def _drop(session: Session, frame: Frame) -> None:
+def _drop(session: Session, frame: Frame, hdr: VnetHeader) -> None:
     """Sink and source modes: the TX counters already counted the frame."""

@@ -58,6 +58,8 @@ from .misses import MISS_LOOKAHEAD as MISS_LOOKAHEAD  # re-exported for importer
 from .misses import MISS_OUTSTANDING as MISS_OUTSTANDING
 from .misses import MISS_TIMEOUT as MISS_TIMEOUT
 from .misses import Misses
+from .net import max_tx_frame
+from .offload import PLAIN, Action, VnetHeader, for_receiver
 from .rings import RingLoop, interrupt
 from .virtqueue import MAX_QUEUE_SIZE, QueueError, SplitQueue, ring_sizes
 from .vring import Vring, close_fd, signal
@@ -643,7 +645,7 @@ class Session:
         if vring.is_rx:
             vring.rx = RxQueue(queue, features, stats)
         else:
-            vring.tx = TxQueue(queue, features, self.mtu + 18, stats)
+            vring.tx = TxQueue(queue, features, max_tx_frame(features, self.mtu), stats)
         vring.started = True
         vring.failed = None
         if not features & VF.PROTOCOL_FEATURES:
@@ -714,11 +716,28 @@ class Session:
 
     # -- the switch side -----------------------------------------------------
 
-    def _sink(self, frame: memoryview) -> None:
-        self.port.forward(self, frame)
+    def _sink(self, frame: memoryview, hdr: VnetHeader) -> None:
+        self.port.forward(self, frame, hdr)
 
-    def send(self, frame: memoryview | bytes | bytearray) -> None:
-        """Deliver a frame to this guest (the switch's Endpoint interface)."""
+    def send(self, frame: memoryview | bytes | bytearray, hdr: VnetHeader = PLAIN) -> None:
+        """Deliver a frame to this guest (the switch's Endpoint interface).
+
+        A frame with offloads this guest did not negotiate is first made
+        into what it can take (segmented, checksummed; see ``offload``).
+        """
+        if hdr is not PLAIN:
+            out = for_receiver(frame, hdr, self.features)
+            if out.action is Action.SEGMENTED:
+                self.stats.offload.segmented += 1
+                self.stats.offload.segments += len(out.frames)
+            elif out.action is Action.CSUM_COMPLETED:
+                self.stats.offload.csum_completed += 1
+            for f in out.frames:
+                self._send(f, out.hdr)
+        else:
+            self._send(frame, PLAIN)
+
+    def _send(self, frame: memoryview | bytes | bytearray, hdr: VnetHeader) -> None:
         ready = self._rx_ready
         if not ready:
             self.stats.rx_not_ready += 1
@@ -729,7 +748,7 @@ class Session:
         if not rx.backlog:
             try:
                 rx.queue.refresh()
-                if rx.deliver(frame):
+                if rx.deliver(frame, hdr):
                     self._dirty[vring] = None
                     return
             except IotlbMiss:
@@ -747,7 +766,7 @@ class Session:
                 kind = exc.fault.value if isinstance(exc, QueueError) else "access_error"
                 self._fail(vring, kind, str(exc))
                 return
-        rx.enqueue(frame)
+        rx.enqueue(frame, hdr)
         if signal(vring.kick):
             vring.kick_writes += 1  # ours, not the guest's (diagnosis)
 

@@ -45,6 +45,18 @@ class LastError:
 
 
 @dataclass(slots=True)
+class OffloadStats:
+    """What the switch did in software for a receiver that lacked an offload."""
+
+    segmented: int = 0
+    """GSO super-frames cut into segments for this port."""
+    segments: int = 0
+    """The frames those cuts made."""
+    csum_completed: int = 0
+    """Partial checksums finished for this port."""
+
+
+@dataclass(slots=True)
 class PortStats:
     """What a port did since the daemon started."""
 
@@ -67,6 +79,7 @@ class PortStats:
     log_resizes: int = 0
     log_overflow: int = 0
     queues: dict[tuple[int, str], QueueStats] = field(default_factory=dict)
+    offload: OffloadStats = field(default_factory=OffloadStats)
     last_error: LastError | None = None
     """Kept across reconnects: why the previous connection went wrong is worth seeing."""
 

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Protocol
 
 from .net import Frame
+from .offload import PLAIN, VnetHeader
 
 if TYPE_CHECKING:
     from .fastpath import FrameBurst
@@ -26,8 +27,13 @@ class Endpoint(Protocol):
 
     name: str
 
-    def send(self, frame: Frame) -> None:
-        """Take a copy of ``frame`` (it is only valid during this call)."""
+    def send(self, frame: Frame, hdr: VnetHeader = PLAIN) -> None:
+        """Take a copy of ``frame`` (it is only valid during this call).
+
+        ``hdr`` is its offload metadata as the sender's header checks accepted
+        it: each endpoint hands it on only if its receiver can take it, and
+        otherwise segments or checksums the frame itself (``offload``).
+        """
 
     def flush(self) -> None:
         """Make what ``send`` delivered visible (publish, interrupt), once per burst."""
@@ -94,22 +100,22 @@ class Switch:
                 return entry[0]
         return None
 
-    def forward(self, src: Endpoint, frame: Frame) -> None:
-        """Switch one frame that ``src`` sent."""
+    def forward(self, src: Endpoint, frame: Frame, hdr: VnetHeader = PLAIN) -> None:
+        """Switch one frame that ``src`` sent, with its offload metadata."""
         dst = self._route(src, bytes(frame[6:12]), bytes(frame[0:6]))
         if dst is not None:
             if dst is src:
                 self.filtered += 1
             else:
                 self.forwarded += 1
-                dst.send(frame)
+                dst.send(frame, hdr)
                 self._touched[dst] = None
             return
         self.flooded += 1
         touched = self._touched
         for ep in self._endpoints:
             if ep is not src:
-                ep.send(frame)
+                ep.send(frame, hdr)
                 touched[ep] = None
 
     def forward_burst(self, src: Endpoint, burst: FrameBurst) -> None:

@@ -25,6 +25,7 @@ import struct
 import trio
 
 from .net import Frame
+from .offload import PLAIN, Action, VnetHeader, for_receiver
 from .runtime import SetupError, user_name
 from .switch import Switch
 
@@ -169,6 +170,10 @@ class TapUplink:
         self.rx_packets = self.rx_bytes = 0
         self.tx_packets = self.tx_bytes = 0
         self.tx_dropped = 0
+        self.segmented = self.segments = self.csum_completed = 0
+        """Offloaded frames from guests finished in software for the kernel."""
+        self.features = 0
+        """The offloads the kernel takes on this TAP, as virtio GUEST_* feature bits."""
         self.cancel_scope = trio.CancelScope()
 
     def open(self) -> None:
@@ -207,8 +212,24 @@ class TapUplink:
             )
             raise SetupError(f"tap {self.name}: cannot {step}: {exc.strerror}: {fix}") from None
 
-    def send(self, frame: Frame) -> None:
-        """Switch -> kernel. A full TAP queue drops the frame (and counts it)."""
+    def send(self, frame: Frame, hdr: VnetHeader = PLAIN) -> None:
+        """Switch -> kernel. A full TAP queue drops the frame (and counts it).
+
+        Offloads the TAP does not take are finished here (``offload``).
+        """
+        if hdr is not PLAIN:
+            out = for_receiver(frame, hdr, self.features)
+            if out.action is Action.SEGMENTED:
+                self.segmented += 1
+                self.segments += len(out.frames)
+            elif out.action is Action.CSUM_COMPLETED:
+                self.csum_completed += 1
+            for f in out.frames:
+                self._write(f)
+        else:
+            self._write(frame)
+
+    def _write(self, frame: Frame) -> None:
         try:
             os.write(self.fd, frame)
         except OSError:

@@ -28,8 +28,10 @@ enum { VHOSTD_TC_SLOTS = 32 };
 
 /* A piece of a descriptor chain in local memory, and its guest-physical address. */
 struct vhostd_piece { uint8_t *ptr; uint32_t len; uint64_t gpa; };
-/* A frame handed between Python and C. */
-struct vhostd_frame { uint8_t *ptr; uint32_t len; };
+/* A frame handed between Python and C. TX bursts set vnet to the first ten
+   bytes of the chain's virtio-net header when it asks for an offload (NEEDS_CSUM
+   or a GSO type; NULL otherwise): Python judges those before passing them on. */
+struct vhostd_frame { uint8_t *ptr; uint32_t len; const uint8_t *vnet; };
 /* One chain of an RX delivery (merged buffers) or of a TX burst not yet used. */
 struct vhostd_head { uint32_t id; uint32_t got; };
 
@@ -63,6 +65,7 @@ struct vhostd_vq {
     uint64_t bytes;
     uint64_t dropped;
     uint64_t bad_header;
+    uint64_t vnet_frames;   /* TX: frames collected with an offload header (vnet set) */
     struct vhostd_piece *pieces;
     uint32_t max_pieces;
     struct vhostd_head *heads;
