@@ -22,6 +22,7 @@ from typing import Any
 
 from protocol import IotlbPerm, MemoryRegion
 from protocol.enums import VirtioFeature as VF
+from tests.offload_frames import csum_header, gso_header, tcp4, tcp6
 from tests.vusim import badrings
 from tests.vusim.dma import PhysicalDma
 from tests.vusim.guestram import PAGE, GuestRam
@@ -32,12 +33,20 @@ from vhostd.guestmem import GuestMemory
 from vhostd.iotlb import IoTlb, IotlbDenied, IotlbMiss
 from vhostd.memory import MemoryTable
 from vhostd.native import ffi
-from vhostd.net import QueueStats, RxQueue, TxQueue
+from vhostd.net import QueueStats, RxQueue, TxQueue, max_tx_frame
+from vhostd.offload import OFFLOAD_FEATURES, PLAIN, VnetHeader
 from vhostd.virtqueue import QueueError, SplitQueue
 
 SZ = 512 << 10
 LAYOUT = [(0, SZ), (SZ, SZ), (3 * SZ, SZ)]  # two adjacent regions, then a gap
 SEEDS = 150
+RX_HEADERS = (
+    PLAIN,
+    VnetHeader(1, 1, 54, 1448, 34, 16),
+    VnetHeader(2),
+    VnetHeader(1, 0, 0, 0, 34, 16),
+)
+"""Offload headers RX frames are delivered with when the receiver took GUEST_CSUM/TSO."""
 
 
 @dataclass
@@ -144,6 +153,10 @@ def build(seed: int, rx: bool, hostile: bool = False) -> Scenario:
     features = int(VF.VERSION_1) if rng.random() < 0.7 else 0
     if rx and rng.random() < 0.6:
         features |= VF.NET_MRG_RXBUF
+    if features and rng.random() < 0.5:
+        # Offloads: TX chains carry checksum/GSO headers (good, bad and hostile),
+        # RX frames are delivered with them.
+        features |= int(OFFLOAD_FEATURES) & ~(int(VF.NET_HOST_ECN) if rng.random() < 0.3 else 0)
     indirect = rng.random() < 0.8
     hdr_len = 12 if features else 10
     free = size
@@ -158,6 +171,11 @@ def build(seed: int, rx: bool, hostile: bool = False) -> Scenario:
         need = 1 if use_ind else nbuf
         if need > free:
             break
+        if not rx and features & VF.NET_CSUM and rng.random() < 0.4:
+            ring.post(_offload_chain(rng, ram, hdr_len, nbuf), indirect=use_ind)
+            free -= need
+            k += 1
+            continue
         bufs = []
         for _ in range(nbuf):
             n = rng.choice([0, 1, 2, 7, hdr_len, 60, 64, 100, 300, 1500, 5000])
@@ -235,6 +253,33 @@ def scribble(rng: random.Random, ring: SplitRing, frontend: FakeFrontend | None)
             ring.set_avail_idx((ring.avail_idx + rng.randrange(-2, size + 3)) & 0xFFFF)
 
 
+def _offload_chain(rng: random.Random, ram: GuestRam, hdr_len: int, nbuf: int) -> list[Buffer]:
+    """A TX chain with a TCP frame and an offload header (mostly good), cut into ``nbuf``."""
+    payload = rng.randbytes(rng.choice([10, 1000, 3000, 9000]))
+    v6 = rng.random() < 0.4
+    frame = (tcp6 if v6 else tcp4)(payload, csum="partial")
+    mss = rng.choice([536, 1448, 1448, 20000])
+    raw = (
+        gso_header(frame, mss, v6, ecn=rng.random() < 0.2)
+        if rng.random() < 0.7
+        else csum_header(frame, v6)
+    )
+    if rng.random() < 0.25:  # a hostile field
+        hdr = VnetHeader.unpack(raw)
+        field_ = rng.randrange(6)
+        raw = hdr._replace(
+            **{hdr._fields[field_]: rng.randrange(0x10000) & (0xFF if field_ < 2 else 0xFFFF)}
+        ).pack()
+    data = raw.ljust(hdr_len, b"\0") + frame
+    cuts = sorted(rng.sample(range(1, len(data)), nbuf - 1)) if nbuf > 1 else []
+    bufs = []
+    for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        gpa = _alloc(rng, ram, b - a)
+        ram.write(gpa, data[a:b])
+        bufs.append(Buffer(gpa, b - a, writable=False))
+    return bufs
+
+
 def _alloc(rng: random.Random, ram: GuestRam, n: int) -> int:
     """A buffer, sometimes placed across the boundary of the two adjacent regions."""
     if n > 16 and rng.random() < 0.1:
@@ -310,10 +355,10 @@ def retry(s: Scenario, events: list[Any], step: Callable[[], Any]) -> tuple[bool
 
 def run_tx(s: Scenario, cls: type[TxQueue]) -> dict[str, Any]:
     q = queue_of(s)
-    tx = cls(q, s.features, 1600, QueueStats())
+    tx = cls(q, s.features, max_tx_frame(s.features, 1500), QueueStats())
     out: list[bytes] = []
     events: list[Any] = []
-    sink = None if s.discard else (lambda v, h: out.append(bytes(v)))
+    sink = None if s.discard else (lambda v, h: out.append((bytes(v), tuple(h))))
     for i, limit in enumerate(s.limits):
         ok, n = retry(s, events, lambda limit=limit: tx.burst(sink, limit))
         events.append(("burst", n))
@@ -331,7 +376,8 @@ def run_rx(s: Scenario, cls: type[RxQueue]) -> dict[str, Any]:
     for i, frame in enumerate(s.frames):
         ok, _ = retry(s, events, q.refresh)
         if ok:
-            ok, delivered = retry(s, events, lambda frame=frame: rx.deliver(frame))
+            hdr = RX_HEADERS[i % len(RX_HEADERS)] if s.features & VF.NET_GUEST_CSUM else PLAIN
+            ok, delivered = retry(s, events, lambda frame=frame, h=hdr: rx.deliver(frame, h))
             events.append(("deliver", delivered))
         if not ok or not delivered:
             break

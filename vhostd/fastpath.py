@@ -327,7 +327,8 @@ class FastTxQueue(net.TxQueue):
             if f.vnet == ffi.NULL:
                 hdrs.append(PLAIN)
                 continue
-            got = check_tx(buffer(f.vnet, 10)[:], buffer(f.ptr, f.len), self.features)
+            frame = memoryview(buffer(f.ptr, f.len))
+            got = check_tx(buffer(f.vnet, 10)[:], frame, self.features)
             if isinstance(got, BadHeader):
                 stats.packets -= 1
                 stats.bytes -= f.len
