@@ -53,13 +53,18 @@ JSON keys (``version`` changes only when a key is renamed or removed):
     ``started``, ``enabled``, ``failed`` (reason string or null), ``last_avail``
     and ``last_used`` (null unless started), and the counters ``packets``,
     ``bytes``, ``drops``, ``bad_headers``, ``kicks``, ``interrupts``,
-    ``interrupts_suppressed``, ``bursts``.
+    ``interrupts_suppressed``, ``bursts``, ``gso_packets`` (TCP super-frames:
+    TX taken, RX handed whole), ``csum_partial`` (frames with NEEDS_CSUM).
   - ``totals``: ``{"rx": {counters}, "tx": {counters}}``, the sum over vrings.
   - ``iotlb``: ``enabled`` (ACCESS_PLATFORM negotiated now), ``entries``, and
     the counters ``lookups``, ``hits``, ``misses``, ``updates``,
     ``invalidations``, ``evictions``, ``denied``, ``miss_sent`` (MISS messages
     sent to the front-end), ``miss_timeouts``, ``access_failures``,
     ``blocked_accesses``, ``miss_service_count``, ``miss_service_seconds_sum``.
+  - ``offload``: ``negotiated`` (offload feature names agreed now),
+    ``segmented``/``segments`` (super-frames vhostd cut for this port, and the
+    frames made), ``csum_completed`` (checksums it finished for this port),
+    ``bad_headers`` (``{reason: count}`` of TX frames dropped for their header).
 
 - ``switch``: ``mac_entries``, ``mac_table_size``, ``flooded``, ``forwarded``, ``mac_moves``,
   ``filtered``.
@@ -78,6 +83,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -90,6 +96,7 @@ from . import buildinfo
 from .dirtylog import logged_pages
 from .iotlb import IotlbStats
 from .net import QueueStats
+from .offload import OFFLOAD_FEATURES
 from .runtime import FileId, SetupError, remove_own_socket
 
 if TYPE_CHECKING:
@@ -111,6 +118,8 @@ QUEUE_COUNTERS: tuple[tuple[str, str], ...] = (
     ("interrupts", "interrupts"),
     ("interrupts_suppressed", "suppressed"),
     ("bursts", "bursts"),
+    ("gso_packets", "gso_packets"),
+    ("csum_partial", "csum_partial"),
 )
 """(snapshot key, QueueStats attribute)."""
 
@@ -277,6 +286,22 @@ def port_snapshot(port: Port, learnt: dict[Endpoint, list[str]] | None = None) -
         "vrings": vrings,
         "totals": totals,
         "iotlb": _iotlb(port),
+        "offload": _offload(port, features),
+    }
+
+
+def _offload(port: Port, features: int) -> dict[str, Any]:
+    """Negotiated offloads and what the switch did for this port in software."""
+    reasons: Counter[str] = Counter()
+    for qs in port.stats.queues.values():
+        reasons.update(qs.bad_headers)
+    off = port.stats.offload
+    return {
+        "negotiated": flag_names(features & OFFLOAD_FEATURES, VirtioFeature),
+        "segmented": off.segmented,
+        "segments": off.segments,
+        "csum_completed": off.csum_completed,
+        "bad_headers": dict(sorted(reasons.items())),
     }
 
 
@@ -567,6 +592,19 @@ def format_status(snap: dict[str, Any]) -> str:
             problems["memory_faults"] = p["memory_faults"]
         if problems:
             lines.append("  errors: " + ", ".join(f"{k}={n}" for k, n in problems.items()))
+        off = p.get("offload")
+        if off and (off["negotiated"] or off["segmented"] or off["bad_headers"]):
+            tx, rx = p["totals"]["tx"], p["totals"]["rx"]
+            lines.append(
+                f"  offloads: {' '.join(off['negotiated']) or '-'}; GSO frames "
+                f"{tx['gso_packets']} in, {rx['gso_packets']} out whole; "
+                f"{off['segmented']} segmented ({off['segments']} segments), "
+                f"{off['csum_completed']} checksums completed"
+            )
+            if off["bad_headers"]:
+                lines.append(
+                    "  bad headers: " + ", ".join(f"{k}={n}" for k, n in off["bad_headers"].items())
+                )
     sw = snap["switch"]
     lines += [
         "",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -38,9 +39,12 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from protocol import VirtioFeature
+
 from . import buildinfo
-from .control import healthy, iotlb_entries
+from .control import flag_names, healthy, iotlb_entries
 from .dirtylog import logged_pages
+from .offload import OFFLOAD_FEATURES
 from .runtime import SetupError
 from .stats import Histogram
 
@@ -67,6 +71,16 @@ QUEUE_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "Interrupts not sent because the driver asked not to be notified.",
     ),
     ("vhostd_queue_bursts", "bursts", "Processing rounds that moved at least one frame."),
+    (
+        "vhostd_queue_gso_packets",
+        "gso_packets",
+        "TCP super-frames (GSO): TX taken from the guest; RX handed to it whole.",
+    ),
+    (
+        "vhostd_queue_csum_partial",
+        "csum_partial",
+        "Frames with the checksum left to the receiver (NEEDS_CSUM), taken or handed whole.",
+    ),
 )
 """(metric name without _total, QueueStats attribute, help)."""
 
@@ -119,6 +133,21 @@ PORT_COUNTERS: tuple[tuple[str, str, str], ...] = (
 )
 """(metric name without _total, PortStats attribute, help)."""
 
+OFFLOAD_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    (
+        "vhostd_offload_segmented",
+        "segmented",
+        "TCP super-frames vhostd cut into segments for this port (it lacks GUEST_TSO).",
+    ),
+    ("vhostd_offload_segments", "segments", "Frames those software segmentations made."),
+    (
+        "vhostd_offload_csum_completed",
+        "csum_completed",
+        "Partial checksums vhostd finished for this port (it lacks GUEST_CSUM).",
+    ),
+)
+"""(metric name without _total, OffloadStats attribute, help)."""
+
 METRIC_NAMES: tuple[str, ...] = (
     "vhostd_build_info",
     "vhostd_port_info",
@@ -133,6 +162,9 @@ METRIC_NAMES: tuple[str, ...] = (
     *(f"{name}_total" for name, _, _ in PORT_COUNTERS),
     "vhostd_protocol_errors_total",
     "vhostd_queue_faults_total",
+    "vhostd_offload_negotiated",
+    *(f"{name}_total" for name, _, _ in OFFLOAD_COUNTERS),
+    "vhostd_bad_headers_total",
     "vhostd_vring_running",
     *(f"{name}_total" for name, _, _ in QUEUE_COUNTERS),
     "vhostd_iotlb_enabled",
@@ -274,6 +306,17 @@ class DaemonCollector(Collector):
         faults = CounterMetricFamily(
             "vhostd_queue_faults", "Rings stopped as broken, by kind.", labels=["port", "kind"]
         )
+        offload_counters = _Counters(OFFLOAD_COUNTERS, ["port"])
+        offloads = GaugeMetricFamily(
+            "vhostd_offload_negotiated",
+            "1 for each offload feature the front-end negotiated (CSUM, HOST_TSO4, ...).",
+            labels=["port", "feature"],
+        )
+        bad_headers = CounterMetricFamily(
+            "vhostd_bad_headers",
+            "TX frames dropped for a refused virtio-net header, by reason.",
+            labels=["port", "reason"],
+        )
         warnings = GaugeMetricFamily(
             "vhostd_port_warning",
             "1 for each warning on the port's connection (code: no_memory_table, "
@@ -306,10 +349,21 @@ class DaemonCollector(Collector):
                 faults.add_metric([port.name, kind], n)
             for code in session.diagnosis.findings if session is not None else ():
                 warnings.add_metric([port.name, code], 1)
+            offload_counters.add(name, port.stats.offload)
+            negotiated = session.features & OFFLOAD_FEATURES if session is not None else 0
+            for feature in flag_names(negotiated, VirtioFeature):
+                offloads.add_metric([port.name, feature], 1)
+            reasons: Counter[str] = Counter()
+            for qs in port.stats.queues.values():
+                reasons.update(qs.bad_headers)
+            for reason, n in sorted(reasons.items()):
+                bad_headers.add_metric([port.name, reason], n)
         yield from (info, connected, pairs, features, protocol, status, warnings)
         yield from (logging_, log_pages)
         yield from counters
         yield from (errors, faults)
+        yield from offload_counters
+        yield from (offloads, bad_headers)
 
     def _queues(self, ports: list[Port]) -> Iterator[Metric]:
         labels = ["port", "queue", "direction"]

@@ -102,6 +102,10 @@ check_payload() {
 recv_stdin() { mkfifo "$1"; }
 
 report_tcp() {
+  st=/sys/class/net/eth0/statistics
+  nic="tx_bytes=$(cat $st/tx_bytes) tx_packets=$(cat $st/tx_packets)"
+  nic="$nic rx_bytes=$(cat $st/rx_bytes) rx_packets=$(cat $st/rx_packets)"
+  mark "NIC $nic features=$(cat /sys/class/net/eth0/device/features)"
   r=$(check_payload /tmp/rx)
   ok=0; [ "$r" = "$P_size" ] && ok=1
   [ "$r" -lt 0 ] && r=$(stat -c %s /tmp/rx)

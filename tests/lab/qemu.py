@@ -75,6 +75,7 @@ class GuestConfig:
     accel: str | None = None  # None: detect_accel()
     kernel_args: tuple[str, ...] = ()  # extra kernel command line words
     extra_args: tuple[str, ...] = ()  # e.g. ("-trace", "vhost_user_*", "-D", "trace.log")
+    device_args: str = ""  # appended to the virtio-net-pci device, e.g. ",guest_tso4=off"
 
 
 def tcp_pair(
@@ -121,6 +122,10 @@ class GuestResult:
     tcp_md5_ok: bool | None = None
     tcp_elapsed: int | None = None
     dmar_faults: int | None = None
+    nic: dict[str, int] = field(default_factory=dict)
+    """eth0's statistics after the transfer (tx_bytes, tx_packets, rx_bytes, rx_packets)."""
+    features: str = ""
+    """The negotiated virtio feature bits as the guest sees them (bit 0 first)."""
     passed: bool | None = None
     reason: str = ""
     errors: list[str] = field(default_factory=list)
@@ -147,6 +152,9 @@ def parse_markers(log: str) -> GuestResult:
             result.tcp_recv = int(kv["recv"])
             result.tcp_md5_ok = kv["md5_ok"] == "1"
             result.tcp_elapsed = int(kv.get("elapsed", "-1"))
+        elif kind == "NIC":
+            result.features = kv.pop("features", "")
+            result.nic = {k: int(v) for k, v in kv.items()}
         elif kind == "DMAR" and "faults" in kv:
             result.dmar_faults = int(kv["faults"])
         elif kind == "ERROR":
@@ -215,6 +223,7 @@ class Guest:
             device += ",mq=on"
         if cfg.iommu is not None:
             device += ",iommu_platform=on,ats=on"
+        device += cfg.device_args
         argv = [
             QEMU_BINARY,
             "-machine", machine,
