@@ -80,6 +80,10 @@ class RingLoop:
                 busy = work(vring)
             except IotlbMiss as miss:
                 await resolve(vring, miss)
+                # A request read with the UPDATE that woke us may have stopped the
+                # ring (GET_VRING_BASE, SET_STATUS 0): a task already rescheduled is
+                # not interrupted by its scope's cancel, so take it here.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 continue
             if busy:
                 await trio.lowlevel.checkpoint()
@@ -117,6 +121,7 @@ class RingLoop:
                 return step()
             except IotlbMiss as miss:
                 await self.misses.resolve(vring, miss)
+                await trio.lowlevel.checkpoint_if_cancelled()  # stopped meanwhile? (see run)
 
     def _tx_round(self, vring: Vring) -> bool:
         tx = vring.tx

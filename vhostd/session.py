@@ -601,7 +601,11 @@ class Session:
     def _set_status(self, msg: Message) -> None:
         status = _u64(msg)
         if status == 0:
-            self._reset_rings()
+            # QEMU before 8.1 (commit 6f8be29ec1) sends SET_STATUS 0 BEFORE
+            # GET_VRING_BASE when it stops the device (vm stop, migration): the rings
+            # stop here, but GET_VRING_BASE must still report where they stood. Every
+            # restart sends SET_VRING_BASE, so nothing relies on the base being zeroed.
+            self._reset_rings(keep_base=True)
         self.status = status
 
     def _reset_device(self, msg: Message) -> None:
@@ -610,13 +614,14 @@ class Session:
         self.features = 0
         self.mem.iotlb = None
 
-    def _reset_rings(self) -> None:
+    def _reset_rings(self, *, keep_base: bool = False) -> None:
         for vring in self.vrings:
+            base = vring.next_avail if keep_base else 0
             self._stop_vring(vring)
             vring.close_fds()
             vring.enabled = vring.started = False
             vring.failed = None
-            vring.base = 0
+            vring.base = base
         if self.iotlb is not None:
             self.iotlb.flush()
         self.misses.clear()

@@ -82,6 +82,26 @@ do_ping() {
   [ "$loss" = 0 ] || fail "ping loss $loss%"
 }
 
+# Pings every P_interval s, P_count times, and tallies the replies without judging them:
+# a guest that migrates meanwhile may lose a few, and the test decides how many may go.
+# Kernel warnings (a stuck TX queue, a BUG, an IOMMU fault) fail it.
+ping_tally() {
+  wait_peer || return
+  mark "PING start count=$P_count interval=$P_interval uptime=$(uptime_s)"
+  out=$(ping -c "$P_count" -i "$P_interval" -W 2 "$P_peer" 2>&1)
+  echo "$out" | tail -n 2
+  sent=$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
+  recv=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+  dups=$(echo "$out" | sed -n 's/.* \([0-9]*\) duplicates.*/\1/p')
+  loss=$(echo "$out" | sed -n 's/.* \([0-9.]*\)% packet loss.*/\1/p')
+  mark "PING sent=${sent:-0} received=${recv:-0} duplicates=${dups:-0} loss=${loss:-100}"
+  bad='WARNING:|BUG:|Call Trace|timed out|hung_task|virtio_net.*(error|fail)'
+  warnings=$(dmesg | grep -E "$bad")
+  n=0; [ -n "$warnings" ] && n=$(echo "$warnings" | wc -l)
+  mark "KERNEL warnings=$n"
+  if [ "$n" != 0 ]; then echo "$warnings" | tail -n 10; fail "kernel warnings"; fi
+}
+
 make_payload() {
   head -c "$P_size" /dev/urandom > /tmp/tx
   md5sum /tmp/tx | cut -c1-32 >> /tmp/tx
@@ -152,6 +172,7 @@ tcp_client() {
 
 case "$P_role" in
   ping) wait_peer && do_ping ;;
+  ping-tally) ping_tally ;;
   tcp-server) tcp_server ;;
   tcp-client) tcp_client ;;
   idle|serve) mark "SERVING timeout=$P_timeout"; sleep "$P_timeout" ;;

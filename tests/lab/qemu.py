@@ -74,6 +74,8 @@ class GuestConfig:
     cpus: int = 1
     accel: str | None = None  # None: detect_accel()
     kernel_args: tuple[str, ...] = ()  # extra kernel command line words
+    qmp: Path | None = None  # a QMP server socket (tests.lab.qmp.Qmp connects to it)
+    incoming: str | None = None  # a migration destination: "-incoming tcp:127.0.0.1:PORT"
     extra_args: tuple[str, ...] = ()  # e.g. ("-trace", "vhost_user_*", "-D", "trace.log")
     device_args: str = ""  # appended to the virtio-net-pci device, e.g. ",guest_tso4=off"
 
@@ -117,6 +119,9 @@ class GuestResult:
     booted: bool = False
     ready: bool = False
     ping_loss: float | None = None
+    ping_sent: int | None = None  # role ping-tally: echo requests sent and replies received
+    ping_received: int | None = None
+    ping_duplicates: int | None = None  # replies that came twice (or stale ones again)
     tcp_sent: int | None = None
     tcp_recv: int | None = None
     tcp_md5_ok: bool | None = None
@@ -126,6 +131,7 @@ class GuestResult:
     """eth0's statistics after the transfer (tx_bytes, tx_packets, rx_bytes, rx_packets)."""
     features: str = ""
     """The negotiated virtio feature bits as the guest sees them (bit 0 first)."""
+    kernel_warnings: int | None = None
     passed: bool | None = None
     reason: str = ""
     errors: list[str] = field(default_factory=list)
@@ -147,6 +153,12 @@ def parse_markers(log: str) -> GuestResult:
             result.ready = True
         elif kind == "PING" and "loss" in kv:
             result.ping_loss = float(kv["loss"])
+            if "sent" in kv:
+                result.ping_sent = int(kv["sent"])
+                result.ping_received = int(kv["received"])
+                result.ping_duplicates = int(kv.get("duplicates", "0"))
+        elif kind == "KERNEL" and "warnings" in kv:
+            result.kernel_warnings = int(kv["warnings"])
         elif kind == "TCP" and "md5_ok" in kv:
             result.tcp_sent = int(kv["sent"])
             result.tcp_recv = int(kv["recv"])
@@ -249,8 +261,13 @@ class Guest:
             "-monitor", "none",
             "-nodefaults",
             "-no-reboot",
-            *cfg.extra_args,
         ]  # fmt: skip
+        if cfg.qmp is not None:
+            argv += ["-qmp", f"unix:{cfg.qmp},server=on,wait=off"]
+        if cfg.incoming is not None:
+            # Same command line as the source, paused until its migration stream arrives.
+            argv += ["-incoming", cfg.incoming]
+        argv += cfg.extra_args
         return argv
 
     def start(self) -> Self:
