@@ -648,18 +648,15 @@ def test_check_config_checks_the_system(tmp_sock_dir: Path) -> None:
         done = vhostd("check-config", str(cfg))
     name = str(cfg)
     assert done.returncode == 1, done
-    assert (
-        done.stdout.splitlines()
-        == [
-            f"{name}:2: control_socket: {tmp_sock_dir}/control.sock exists and is a regular file, "
-            "not a socket (vhostd never removes it): move it away or fix control_socket=",
-            f"{name}:4: metrics.listen: 127.0.0.1:{port} is in use by another process: fix listen=",
-            f"{name}:8: port[0].socket: directory {tmp_sock_dir}/missing does not exist: create "
-            "it or fix socket=",
-            f"{name}:15: port[1].owner: 'no-such-user-vhd' is not a user on this system",
-            f"{name}:16: port[1].group: 'no-such-group-vhd' is not a group on this system",
-        ]
-    ), done.stdout
+    assert done.stdout.splitlines() == [
+        f"{name}:2: control_socket: {tmp_sock_dir}/control.sock exists and is a regular file, "
+        "not a socket (vhostd never removes it): move it away or fix control_socket=",
+        f"{name}:4: metrics.listen: 127.0.0.1:{port} is in use by another process: fix listen=",
+        f"{name}:8: port[0].socket: directory {tmp_sock_dir}/missing does not exist: create "
+        "it or fix socket=",
+        f"{name}:15: port[1].owner: 'no-such-user-vhd' is not a user on this system",
+        f"{name}:16: port[1].group: 'no-such-group-vhd' is not a group on this system",
+    ], done.stdout
     syntax = vhostd("check-config", "--syntax-only", str(cfg))
     assert syntax.returncode == 0 and syntax.stdout == f"{name}: OK\n", syntax
 
