@@ -274,16 +274,34 @@ def verify(*units: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_shipped_units_verify() -> None:
-    """The shipped files, as they are: the only allowed complaint is a missing vhostd."""
-    result = verify(UNITS / "vhostd.service", UNITS / "vhostd.socket")
+EXEC = "/usr/local/bin/vhostd"
+"""Where scripts/install-system puts vhostd, and what the units run."""
+
+
+def units_in(directory: Path, exec_path: str = EXEC) -> list[Path]:
+    """The service and an instance of the socket template (verify cannot take a template),
+    copied to ``directory`` with ``exec_path`` for vhostd."""
+    service = directory / "vhostd.service"
+    service.write_text((UNITS / "vhostd.service").read_text().replace(EXEC, exec_path))
+    socket_unit = directory / "vhostd@vm1.socket"
+    shutil.copy(UNITS / "vhostd@.socket", socket_unit)
+    return [service, socket_unit]
+
+
+def test_shipped_units_verify(tmp_path: Path) -> None:
+    """The shipped files, as they are: the only allowed complaint is a missing vhostd.
+
+    tests/e2e/test_install.py verifies them as scripts/install-system installs them.
+    """
+    result = verify(*units_in(tmp_path))
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-    if Path("/usr/bin/vhostd").exists():
+    if Path(EXEC).exists():
         assert (result.returncode, lines) == (0, [])
     else:
-        assert lines == [
-            "vhostd.service: Command /usr/bin/vhostd is not executable: No such file or directory"
-        ]
+        # Once per command that runs it (ExecStartPre=, ExecStart=).
+        assert set(lines) == {
+            f"vhostd.service: Command {EXEC} is not executable: No such file or directory"
+        }, lines
 
 
 def test_units_verify_cleanly(tmp_path: Path) -> None:
@@ -292,33 +310,57 @@ def test_units_verify_cleanly(tmp_path: Path) -> None:
     systemd-analyze exits 0 on unknown or misspelt options and only warns, so
     any output is a failure.
     """
-    service = (UNITS / "vhostd.service").read_text()
-    assert "ExecStart=/usr/bin/vhostd run --config /etc/vhostd/vhostd.toml\n" in service
-    (tmp_path / "vhostd.service").write_text(service.replace("/usr/bin/vhostd", "/bin/true"))
-    shutil.copy(UNITS / "vhostd.socket", tmp_path / "vhostd.socket")
-    result = verify(tmp_path / "vhostd.service", tmp_path / "vhostd.socket")
+    result = verify(*units_in(tmp_path, "/bin/true"))
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
 def test_verify_catches_a_typo(tmp_path: Path) -> None:
-    service = (UNITS / "vhostd.service").read_text().replace("/usr/bin/vhostd", "/bin/true")
-    (tmp_path / "vhostd.service").write_text(service.replace("NoNewPrivileges", "NoNewPrivilege"))
-    result = verify(tmp_path / "vhostd.service")
+    service, socket_unit = units_in(tmp_path, "/bin/true")
+    service.write_text(service.read_text().replace("NoNewPrivileges", "NoNewPrivilege"))
+    socket_unit.write_text(socket_unit.read_text().replace("RemoveOnStop", "RemoveOnStp"))
+    result = verify(service, socket_unit)
     assert "Unknown key 'NoNewPrivilege'" in result.stderr
+    assert "Unknown key 'RemoveOnStp'" in result.stderr
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if re.match(r"^[A-Z]\w*=", line):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
 
 
 def test_service_settings() -> None:
-    service = (UNITS / "vhostd.service").read_text()
-    settings = dict(
-        line.split("=", 1) for line in service.splitlines() if re.match(r"^[A-Z]\w*=", line)
-    )
+    settings = {k: v[-1] for k, v in unit_settings(UNITS / "vhostd.service").items()}
     assert settings["Type"] == "notify"
     assert settings["NotifyAccess"] == "main"
     assert settings["User"] == settings["Group"] == "vhostd"
     assert settings["AmbientCapabilities"] == settings["CapabilityBoundingSet"] == "CAP_NET_ADMIN"
-    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    config = "--config /etc/vhostd/vhostd.toml"
+    assert settings["ExecStart"] == f"{EXEC} run {config}"
+    # "-": systemd's RestartPreventExitStatus= sees only the main process, so a failing
+    # ExecStartPre would be restarted; the daemon's own exit 78 is what counts.
+    assert settings["ExecStartPre"] == f"-{EXEC} check-config --syntax-only {config}"
+    assert settings["ExecReload"] == f"{EXEC} reload {config}"
+    assert settings["Restart"] == "on-failure"
+    assert settings["RestartPreventExitStatus"] == "78"
+    assert settings["WantedBy"] == "multi-user.target"  # TAPs and metrics at boot
+    assert settings["Documentation"] == "file:///usr/local/share/doc/vhostd/README.md"
     assert "AF_NETLINK" in settings["RestrictAddressFamilies"]
     assert settings["DeviceAllow"] == "/dev/net/tun rw"
+
+
+def test_socket_template_settings() -> None:
+    """One socket per guest, all served by the one vhostd.service."""
+    settings = {k: v[-1] for k, v in unit_settings(UNITS / "vhostd@.socket").items()}
+    assert settings["ListenStream"] == "/run/vhostd/%i.sock"
+    assert settings["FileDescriptorName"] == "%i"
+    assert settings["Service"] == "vhostd.service"  # not vhostd@%i.service
+    assert settings["WantedBy"] == "sockets.target"
+    assert (settings["SocketUser"], settings["SocketGroup"]) == ("vhostd", "kvm")
+    assert not (UNITS / "vhostd.socket").exists()  # the one-guest example it replaced
 
 
 def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:

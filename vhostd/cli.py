@@ -3,12 +3,17 @@
 ``vhostd run --socket PATH [--socket PATH ...] [--client PATH ...] [--tap IFNAME]
 [--mode switch|reflect|sink|source] [--source-size N] [--config FILE]
 [--metrics-listen ADDR] [--control-socket PATH]`` serves ports until SIGINT or SIGTERM;
-``vhostd check-config FILE`` reports every problem in a configuration file
+``vhostd check-config FILE`` (or ``--config FILE``) reports every problem in a configuration file
 with its line, then what would stop it on this system; ``vhostd status [--json]
 [--fdb] [--control-socket PATH]`` shows what a running daemon is doing (ports, features,
 rings, counters, warnings; ``--fdb`` adds the switch's MAC table, which ``vhostd fdb``
 shows alone); ``vhostd reload`` makes it re-read its file and prints the verdict;
 ``vhostd --version`` names the build.
+
+Sockets the service manager passes (socket activation) are ports too, named by
+their ``FileDescriptorName=``: with no ``--config`` and no ``--socket``, ``vhostd
+run`` under ``systemd-socket-activate`` serves them as switch ports (see
+:mod:`vhostd.activation`).
 
 ``vhostd run`` exits 0 when stopped, 78 (EX_CONFIG) when the configuration or
 what it names on this system must be fixed first (each problem one line on
@@ -94,7 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check-config", help="validate a configuration file and what it needs on this system"
     )
-    check.add_argument("file", nargs="?", default=DEFAULT_CONFIG_PATH)
+    check.add_argument("file", nargs="?", help=f"the file to check (default {DEFAULT_CONFIG_PATH})")
+    check.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="FILE",
+        help="the file to check, spelt as for the other commands (instead of FILE)",
+    )
     check.add_argument(
         "--syntax-only",
         action="store_true",
@@ -146,31 +157,49 @@ def _overlay(args: argparse.Namespace, base: DaemonConfig | None) -> DaemonConfi
     )
 
 
-def _load(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
+def _read_file(args: argparse.Namespace) -> tuple[DaemonConfig | None, str | None]:
+    """The configuration file's contents (None without one) and its path."""
     path = args.config
     if path is None and not (args.socket or args.client) and os.path.exists(DEFAULT_CONFIG_PATH):
         path = DEFAULT_CONFIG_PATH
-    base = load_config(path) if path else None
+    return (load_config(path) if path else None), path
+
+
+def _load(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
+    """The file (if any) with the command line over it, and the file's path."""
+    base, path = _read_file(args)
     return _overlay(args, base), path
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .activation import adopt, take_inherited
     from .daemon import Daemon
+    from .logs import setup_logging
 
     try:
-        config, path = _load(args)
+        base, path = _read_file(args)
+        # The log level first, so that what taking the passed sockets says is logged.
+        setup_logging(_overlay(args, base).log_level)  # journal <N> priorities, or time and level
+        inherited = take_inherited()
+        # Passed sockets become ports before the command line applies (--mode covers them).
+        config = _overlay(args, adopt(base or DaemonConfig(), inherited, path))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"vhostd: {problem}", file=sys.stderr)
         return EX_CONFIG
-    from .logs import setup_logging
-
-    setup_logging(config.log_level)  # the journal's <N> priorities, or time and level
+    except SetupError as exc:
+        for line in exc.problems:
+            print(f"vhostd: {line}", file=sys.stderr)
+        return EX_CONFIG
     if not config.ports:
-        print("vhostd: no ports: give --socket PATH or a --config file", file=sys.stderr)
+        print(
+            "vhostd: no ports: give --socket PATH or a --config file, or pass sockets "
+            "(systemd socket activation)",
+            file=sys.stderr,
+        )
         return EX_CONFIG
     try:
-        daemon = Daemon(config, path)
+        daemon = Daemon(config, path, inherited)
         # A reloaded file must get the same overrides, or every SIGHUP would see
         # e.g. --control-socket "changing" back to the file's value and be refused.
         daemon.reload_hook = lambda new: _overlay(args, new)
@@ -188,6 +217,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.file and args.config_file and args.file != args.config_file:
+        print(f"vhostd: check-config: two files given ({args.file}, --config "
+              f"{args.config_file}): give one", file=sys.stderr)  # fmt: skip
+        return 2
+    args.file = args.config_file or args.file or DEFAULT_CONFIG_PATH
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()

@@ -20,10 +20,16 @@ JSON keys (``version`` changes only when a key is renamed or removed):
   dialing or connected).
 - ``build``: ``version`` (the package's), ``python``, ``native`` (``c`` or
   ``python``: which data path sessions use), as ``vhostd --version`` says.
+- ``reload``: the last reload (SIGHUP, ``vhostd reload``): ``count`` (tried since
+  start), ``result`` (``"applied"``, ``"refused"``, null before the first), ``time``
+  (Unix seconds, null before the first), ``error`` (why it was refused, problems
+  joined by ``"; "``, else null), ``changes`` (what an applied one changed, e.g.
+  ``"added port vm2"``); see :class:`vhostd.reload.ReloadStatus`.
 - ``ports``: list, one object per port:
 
-  - ``name``, ``socket``, ``mode`` (switch/reflect/sink/source), ``client`` (bool: vhostd
-    dials the front-end), ``state`` (``listening``, ``dialing``, ``connected``,
+  - ``name``, ``socket`` (where it listens or dials; for a socket the service manager
+    passed, that socket's own path), ``mode`` (switch/reflect/sink/source), ``client``
+    (bool: vhostd dials the front-end), ``state`` (``listening``, ``dialing``, ``connected``,
     ``stopped``), ``connected`` (bool), ``queue_pairs`` (configured), ``mtu``.
   - ``offered_features`` (hex string); ``features`` and ``protocol_features``
     (negotiated, hex strings; ``"0x0"`` when no front-end), ``feature_names`` and
@@ -487,6 +493,20 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.0f}h"
 
 
+def _reload_line(reload: dict[str, Any] | None) -> list[str]:
+    """``last reload: ...`` (nothing before the first reload, or from an older daemon)."""
+    if not reload or not reload.get("count") or reload.get("time") is None:
+        return []
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(reload["time"]))
+    ago = _age(max(0.0, time.time() - reload["time"]))
+    if reload["result"] == "applied":
+        what = ", ".join(reload.get("changes") or []) or "nothing changed"
+        verdict = f"applied: {what}"
+    else:
+        verdict = f"REFUSED, previous configuration kept: {reload.get('error')}"
+    return [f"last reload: {when} ({ago} ago) {verdict} ({reload['count']} since start)"]
+
+
 def format_status(snap: dict[str, Any]) -> str:
     """The human-readable ``vhostd status`` output."""
     warned = [p["name"] for p in snap["ports"] if p.get("warnings")]
@@ -498,6 +518,7 @@ def format_status(snap: dict[str, Any]) -> str:
         f"{'healthy' if snap['healthy'] else 'NOT healthy'}"
         + (f", WARNINGS on {', '.join(warned)}" if warned else "")
         + (f", metrics {snap['metrics']}" if snap.get("metrics") else ""),
+        *_reload_line(snap.get("reload")),
         "",
     ]
     rows = [

@@ -12,6 +12,10 @@ remove the socket files they created. TAPs stay (persistent) for the next start.
 SIGHUP re-reads the configuration and applies it all or nothing: what can fail
 (binding new sockets, opening new TAPs) is prepared first and undone if any of
 it fails, so a refused reload leaves the daemon exactly as it was.
+
+Sockets the service manager passed (``vhostd.activation``) are ports from start to
+exit: every configuration, the first and each reloaded one, gets them through
+``activation.adopt``, so a reload can neither remove nor re-bind one.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import trio
 
 from . import systemd
+from .activation import InheritedSocket, adopt
 from .config import ConfigError, DaemonConfig, PortConfig, TapConfig, load_config
 from .control import ControlSocket, bind_control, serve_control
 from .metrics import bind_metrics, serve_metrics
@@ -44,7 +49,16 @@ SWITCH_EXPIRE_SECONDS = 10.0
 class Daemon:
     """All of vhostd's running state."""
 
-    def __init__(self, config: DaemonConfig, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        config_path: str | None = None,
+        inherited: Sequence[InheritedSocket] = (),
+    ) -> None:
+        self.inherited = list(inherited)
+        """Sockets the service manager passed: each is a port until the daemon exits."""
+        # The command line adopted them already (and said so); this makes sure of it.
+        config = adopt(config, self.inherited, config_path, quiet=True)
         self.config = config
         self.config_path = config_path
         self.switch = Switch(config.switch.mac_ageing_seconds, config.switch.mac_table_size)
@@ -79,7 +93,9 @@ class Daemon:
             await self._run(signals, task_status)
 
     async def _run(self, signals: AsyncIterator[int], task_status: trio.TaskStatus[Daemon]) -> None:
-        inherited = dict(systemd.listen_fds())
+        # By path: adopt() gave each passed socket's port that path (a [[port]] may have
+        # configured it by its path, under another name).
+        inherited = {inh.path: inh.sock for inh in self.inherited}
         lock = InstanceLock.acquire(self.config.control_socket)
         try:
             self.created_taps = CreatedTaps(runtime_file(self.config.control_socket, ".taps"))
@@ -90,8 +106,6 @@ class Daemon:
             except BaseException:
                 self._undo(ports, taps)
                 raise
-            for sock in inherited.values():
-                sock.close()
             self._delete_unconfigured_taps()
             try:
                 async with trio.open_nursery() as nursery:
@@ -147,7 +161,7 @@ class Daemon:
             for cfg in port_configs:
                 port = Port(cfg, self.switch)
                 try:
-                    port.listen(inherited.pop(cfg.name, None))
+                    port.listen(None if cfg.client else inherited.pop(cfg.socket, None))
                 except SetupError as exc:
                     problems += exc.problems
                     continue
@@ -273,11 +287,19 @@ class Daemon:
             raise SetupError("vhostd was started without --config: there is no file to reload")
         try:
             new = load_config(self.config_path)
+            new = adopt(new, self.inherited, self.config_path, quiet=True)
             if self.reload_hook is not None:
                 new = self.reload_hook(new)
         except ConfigError as exc:
             raise SetupError([str(p) for p in exc.problems]) from None
         plan = diff_for_reload(self.config, new)
+        passed = {inh.path for inh in self.inherited}
+        for port_cfg in plan.remove_ports if plan.ok else ():
+            if port_cfg.socket in passed:  # adopt() keeps them: only a bug gets here
+                plan.refused.append(
+                    f"port {port_cfg.name}: its socket was passed by the service manager and "
+                    "stays a port until vhostd stops"
+                )
         if not plan.ok:
             raise SetupError(plan.refused)
         ports, taps = self._prepare(plan.add_ports, plan.add_taps, {})

@@ -13,7 +13,7 @@ manager plus, for notify, a datagram:
 - socket activation: `LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES` describe
   sockets passed as fds 3, 4, ... (from `FileDescriptorName=` in the socket
   unit). Taking them over means listening sockets (and the guests' paths)
-  survive a daemon restart.
+  survive a daemon restart; :mod:`vhostd.activation` makes them ports.
 
 Outside systemd every function is a harmless no-op, so the daemon needs no
 "am I under systemd" switch. The environment is a parameter so tests need not

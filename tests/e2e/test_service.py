@@ -1,7 +1,7 @@
 """vhostd as a systemd service: socket activation, notify/watchdog, restart, reload.
 
 What systemd does is reproduced without systemd: `systemd-socket-activate` (or a
-listening socket this test holds, as `vhostd.socket` would) hands the port's socket
+listening socket this test holds, as `vhostd@vm1.socket` would) hands the port's socket
 to the daemon as fd 3 with LISTEN_FDS/LISTEN_FDNAMES, and a datagram socket bound by
 the test plays the service manager's NOTIFY_SOCKET. The guest's peer is a TAP in a
 network namespace plugged into vhostd's switch, so a continuous ping from the
@@ -145,7 +145,7 @@ def write_config(
 class ServiceProcess:
     """vhostd started the way systemd starts (and restarts) its service.
 
-    With `listener` this is `vhostd.socket`: the test holds the listening socket
+    With `listener` this is `vhostd@vm1.socket`: the test holds the listening socket
     (systemd's job), so the socket, and connections queued on it, outlive every
     daemon process. LISTEN_PID must be the daemon's own PID: bash sets it to `$$`
     and then execs the daemon in its place. Without, vhostd binds the path itself.
@@ -356,7 +356,7 @@ def test_restart_keeps_the_guest(
 
     QEMU (reconnect=1) re-sends the whole setup to the new daemon, with the rings'
     bases; the guest never notices more than a short loss. The socket is either
-    held across restarts (vhostd.socket) or removed and bound again by vhostd.
+    held across restarts (vhostd@vm1.socket) or removed and bound again by vhostd.
     """
     sock = tmp_sock_dir / "vm1.sock"
     config = write_config(tmp_sock_dir / "vhostd.toml", [("vm1", sock, "switch")], [TAP])
