@@ -111,3 +111,12 @@ def count_batches(mp: pytest.MonkeyPatch) -> list[int]:
 
     mp.setattr(fastpath.FastRxQueue, "deliver_batch", spy)
     return calls
+
+
+async def reflected(fe: Frontend, rounds: int, start: int = 0) -> None:
+    """``rounds`` bursts of 16 numbered frames through a reflect port, back intact and in order."""
+    for r in range(rounds):
+        sent = [frame(start + 16 * r + i, 60 + 97 * i) for i in range(16)]
+        assert len(await fe.send_frames(1, sent)) == 16
+        got = await fe.recv_frames(0, count=16, timeout=5)
+        assert [g[12:] for g in got] == [f[12:] for f in sent]

@@ -16,7 +16,7 @@ import os
 import pytest
 
 from protocol import FrontendRequest, LogInfo, VirtioFeature, VringAddr
-from tests.probe import frame, open_fds, ports, until
+from tests.probe import frame, open_fds, ports, reflected, until
 from tests.vusim.dirtylog import DirtyBitmap
 from tests.vusim.frontend import DEFAULT_NET_FEATURES, Frontend
 from tests.vusim.guestram import PAGE
@@ -36,14 +36,6 @@ def features(mergeable: bool, event_idx: bool) -> int:
     return out
 
 
-async def traffic(fe: Frontend, rounds: int, start: int = 0) -> None:
-    for r in range(rounds):
-        sent = [frame(start + 16 * r + i, 60 + 97 * i) for i in range(16)]
-        assert len(await fe.send_frames(1, sent)) == 16
-        got = await fe.recv_frames(0, count=16, timeout=5)
-        assert [g[12:] for g in got] == [f[12:] for f in sent]
-
-
 @pytest.mark.parametrize("iommu", ["off", "on", "strict"])
 @pytest.mark.parametrize("event_idx", [False, True], ids=["no_event_idx", "event_idx"])
 @pytest.mark.parametrize("mergeable", [False, True], ids=["no_mrg", "mrg"])
@@ -55,13 +47,13 @@ async def test_every_page_written_while_logging_is_logged(
         await fe.net_setup(iommu=iommu != "off", features=features(mergeable, event_idx))
         fe.strict_iommu = iommu == "strict"
         fe.post_rx(0, 64)
-        await traffic(fe, 2)
+        await reflected(fe, 2)
         bitmap = await fe.set_log_base(offset=PAGE)
         await fe.start_logging()
         session = port.session
         assert session is not None and session.logging
         fe.ram.arm_canary(fill_free=False)
-        await traffic(fe, 6, start=100)
+        await reflected(fe, 6, start=100)
         await fe.stop()  # GET_VRING_BASE: after it, nothing more is written
         written = fe.ram.device_pages()
         assert len(written) >= 3, written  # used rings and RX buffers at least
@@ -80,16 +72,16 @@ async def test_logging_stops_and_a_new_log_replaces_the_old() -> None:
         fe.post_rx(0, 64)
         first = await fe.set_log_base()
         await fe.start_logging()
-        await traffic(fe, 1)
+        await reflected(fe, 1)
         assert first.pages()
         second = await fe.set_log_base(offset=2 * PAGE)
         first.clear()
-        await traffic(fe, 1, start=50)
+        await reflected(fe, 1, start=50)
         assert second.pages() and not first.pages()  # the old log is no longer written
         assert port.stats.log_resizes == 1
         await fe.stop_logging()
         second.clear()
-        await traffic(fe, 1, start=80)
+        await reflected(fe, 1, start=80)
         assert not second.pages()
         session = port.session
         assert session is not None and not session.logging
@@ -126,7 +118,7 @@ async def test_bad_dirty_logs_end_only_their_connection() -> None:
             async with Frontend.connect(other.config.socket) as fe2:
                 await fe2.net_setup()
                 fe2.post_rx(0, 8)
-                await traffic(fe2, 1)
+                await reflected(fe2, 1)
             await until(lambda: other.session is None)
         assert open_fds() == base
 
@@ -144,7 +136,7 @@ async def test_log_all_without_a_log_and_log_addresses_outside_memory_are_refuse
         assert reply is not None and reply.payload != 0
         assert port.stats.protocol_errors["bad_vring_addr"] == 1
         fe.post_rx(0, 16)
-        await traffic(fe, 1)  # the rings were never disturbed
+        await reflected(fe, 1)  # the rings were never disturbed
 
 
 @pytest.mark.trio
@@ -165,7 +157,7 @@ async def test_a_log_truncated_while_logging_ends_only_its_connection() -> None:
         await fe.expect_closed()
         await until(lambda: port.session is None)
         assert port.stats.memory_faults == 1
-        await traffic(fe2, 2)
+        await reflected(fe2, 2)
 
 
 @pytest.mark.trio
@@ -177,7 +169,7 @@ async def test_status_and_metrics_show_a_port_logging() -> None:
         assert snap["logging"] is False and snap["log_pages"] == 0
         await fe.set_log_base()
         await fe.start_logging()
-        await traffic(fe, 1)
+        await reflected(fe, 1)
         (snap,) = snapshot(daemon)["ports"]
         assert snap["logging"] is True and snap["log_pages"] > 0
         assert "logging for live migration" in format_status(snapshot(daemon))

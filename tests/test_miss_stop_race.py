@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protocol import FrontendRequest, VringState, encode_request
-from tests.probe import frame, ports, until
-from tests.test_dirty_log import traffic
+from tests.probe import frame, ports, reflected, until
 from tests.vusim.frontend import Frontend
 from tests.vusim.net import header_len
 from tests.vusim.rings import Buffer
@@ -21,7 +20,7 @@ async def test_get_vring_base_after_set_status_0_says_where_the_rings_stood() ->
     async with ports("reflect") as (_, (port,)), Frontend.connect(port.config.socket) as fe:
         await fe.net_setup()
         fe.post_rx(0, 64)
-        await traffic(fe, 2)  # 32 frames each way
+        await reflected(fe, 2)  # 32 frames each way
         await fe.set_status(0)
         assert {q: await fe.get_vring_base(q) for q in fe.vrings} == {0: 32, 1: 32}
 

@@ -24,10 +24,11 @@ from protocol.enums import IotlbPerm
 from . import net
 from .guestmem import OutsideMemory
 from .iotlb import IotlbError
+from .memory import local_address
 from .native import ffi, lib
 from .net import BURST, Frame, QueueStats, Sink
 from .offload import PLAIN, BadHeader, VnetHeader, check_tx
-from .virtqueue import QueueError, QueueFault, SplitQueue, local_address
+from .virtqueue import QueueError, QueueFault, SplitQueue
 
 __all__ = ["ENABLED", "FastRxQueue", "FastTxQueue", "FrameBurst", "RxQueue", "TxQueue"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from protocol.enums import IotlbPerm
 
 from .iotlb import IoTlb, IotlbDenied, IotlbDiscontiguous, IotlbMiss
-from .memory import AddressFault, MappedRegion, MemoryTable
+from .memory import AddressFault, MappedRegion, MemoryTable, local_address
 from .native import ffi
 
 __all__ = ["AccessError", "GuestMemory", "IotlbDenied", "IotlbMiss", "OutsideMemory"]
@@ -156,8 +156,7 @@ class GuestMemory:
 
     def gpa_of(self, view: memoryview) -> int:
         """The guest-physical address of a view this door handed out (for the dirty log)."""
-        with ffi.from_buffer("uint8_t[]", view) as ptr:
-            here = int(ffi.cast("uintptr_t", ptr))
+        here = local_address(view)
         for region in self.table:
             local = _local(region)
             if local <= here < local + region.size:

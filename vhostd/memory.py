@@ -97,6 +97,17 @@ def lingering_mappings() -> int:
     return _Reservation.lingering
 
 
+def local_address(view: memoryview) -> int:
+    """Where ``view`` starts in this process.
+
+    The export ``from_buffer`` takes is given back at once: a memoryview
+    still exported when the garbage collector clears it in a cycle crashes
+    CPython (3.11) in its later deallocation, and ring views sit in cycles.
+    """
+    with ffi.from_buffer("uint8_t[]", view) as ptr:
+        return int(ffi.cast("uintptr_t", ptr))
+
+
 class MemoryError_(Exception):
     """A region the front-end described cannot be used."""
 

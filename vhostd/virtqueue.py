@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 from protocol.enums import IotlbPerm
 
 from .guestmem import GuestMemory, OutsideMemory
+from .memory import local_address
 
 if TYPE_CHECKING:
     from .dirtylog import DirtyLog
-from .native import ffi, lib
+from .native import lib
 
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
@@ -69,17 +70,6 @@ class QueueError(Exception):
     def __init__(self, fault: QueueFault, detail: str) -> None:
         super().__init__(f"{fault.value}: {detail}")
         self.fault = fault
-
-
-def local_address(view: memoryview) -> int:
-    """Where ``view`` starts in this process.
-
-    The export ``from_buffer`` takes is given back at once: a memoryview
-    still exported when the garbage collector clears it in a cycle crashes
-    CPython (3.11) in its later deallocation, and ring views sit in cycles.
-    """
-    with ffi.from_buffer("uint8_t[]", view) as ptr:
-        return int(ffi.cast("uintptr_t", ptr))
 
 
 def ring_sizes(size: int, event_idx: bool) -> tuple[int, int, int]:

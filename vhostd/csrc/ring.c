@@ -4,12 +4,6 @@
 /* A full barrier: orders the used-index store before the event-index load. */
 void vhostd_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
-void vhostd_publish(struct vhostd_vq *q)
-{
-    vhostd_log_write(q->log, q->log_used + 2, 2);
-    __atomic_store_n((uint16_t *)(void *)(q->used + 2), q->last_used, __ATOMIC_RELEASE);
-}
-
 int vhostd_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int writable,
                 uint32_t *np, uint64_t *total_out, uint32_t *first_len)
 {

@@ -84,7 +84,6 @@ void vhostd_tc_clear(struct vhostd_tcache *c);
 void vhostd_tc_insert(struct vhostd_tcache *c, uint64_t addr, uint64_t start,
                       uint64_t last, uint64_t host, uint32_t perm, uint64_t gpa);
 void vhostd_log_mark(struct vhostd_log *l, uint64_t gpa, uint64_t len);
-void vhostd_publish(struct vhostd_vq *q);
 int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t skip, uint32_t limit,
                     uint32_t hdr_len, uint32_t max_frame, int collect,
                     struct vhostd_frame *frames, uint32_t *nframes, uint32_t *done);
