@@ -332,6 +332,24 @@ def test_regular_file_given_as_socket_is_untouched(tmp_sock_dir: Path) -> None:
     assert leftovers(tmp_sock_dir, keep=["disk.img"]) == []
 
 
+def test_control_socket_path_is_claimed_like_a_port_socket(tmp_sock_dir: Path) -> None:
+    """A stale control socket (a SIGKILLed daemon's) is replaced; a file is never touched."""
+    ctl, sock = tmp_sock_dir / "c.sock", tmp_sock_dir / "a.sock"
+    ctl.write_text("precious")
+    done = vhostd("run", "--socket", str(sock), "--control-socket", str(ctl))
+    refused(done, f"control socket: {ctl} exists and is a regular file, not a socket")
+    assert ctl.read_text() == "precious"
+    ctl.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(ctl))  # closed without unlink
+    args = ["--socket", str(sock), "--control-socket", str(ctl)]
+    daemon = VhostdProcess(args, tmp_sock_dir / "d.log")
+    with daemon.start(wait_for=[sock, ctl]):
+        assert fetch(str(ctl))["pid"] == daemon.proc.pid  # type: ignore[union-attr]
+        assert daemon.stop() == 0
+    assert "removed the stale socket" in daemon.log()
+
+
 # -- start-up errors ---------------------------------------------------------------------
 
 STARTUP_ERRORS = {

@@ -83,7 +83,6 @@ JSON keys (``version`` changes only when a key is renamed or removed):
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -368,19 +367,8 @@ def snapshot(daemon: Daemon, now: float | None = None) -> dict[str, Any]:
 
 
 def _bind(path: str) -> socket.socket:
-    """Bind ``path`` mode 0600; a live daemon's socket is never taken over."""
+    """Bind ``path`` mode 0600 (the daemon claimed the path first: claim_socket_path)."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: its daemon is gone
-        else:
-            raise OSError(errno.EADDRINUSE, "another vhostd answers there", path)
-        finally:
-            probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:

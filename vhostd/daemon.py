@@ -21,10 +21,8 @@ exit: every configuration, the first and each reloaded one, gets them through
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
-import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
@@ -37,7 +35,7 @@ from .control import ControlSocket, bind_control, serve_control
 from .metrics import bind_metrics, serve_metrics
 from .port import Port
 from .reload import ReloadStatus, diff_for_reload
-from .runtime import InstanceLock, SetupError, file_kind, runtime_file, socket_answers
+from .runtime import InstanceLock, SetupError, claim_socket_path, runtime_file
 from .switch import Switch
 from .tap import CreatedTaps, TapUplink, delete_tap
 
@@ -99,7 +97,9 @@ class Daemon:
         lock = InstanceLock.acquire(self.config.control_socket)
         try:
             self.created_taps = CreatedTaps(runtime_file(self.config.control_socket, ".taps"))
-            _check_control_socket(self.config.control_socket)
+            claim_socket_path(
+                self.config.control_socket, "control socket", "control_socket= (--control-socket)"
+            )
             ports, taps = self._prepare(self.config.ports, self.config.taps, inherited)
             try:
                 control, metrics = self._bind_services()
@@ -326,25 +326,3 @@ class Daemon:
             changes.append(f"log_level {plan.log_level}")
         self.config = new
         return changes
-
-
-def _check_control_socket(path: str) -> None:
-    """The control socket may replace only a stale socket, never another file."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SetupError(
-            f"control socket {path} exists and is {file_kind(st.st_mode)}, not a socket (vhostd "
-            "never removes it): move it away or fix control_socket= (--control-socket)"
-        )
-    try:
-        live = socket_answers(path)
-    except OSError:
-        live = True
-    if live:
-        raise SetupError(
-            f"control socket {path}: another process answers there although nobody holds the "
-            "instance lock (an older vhostd?): stop it or fix control_socket= (--control-socket)"
-        )
