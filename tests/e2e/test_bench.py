@@ -24,6 +24,7 @@ def test_bench_quick_smoke(testpmd_binary: str) -> None:
             "txonly 64B -> sink",
             "--no-idle",
             "--no-iotlb",
+            "--no-tcp",
         ],
         cwd=REPO,
         capture_output=True,

@@ -45,6 +45,8 @@ finish() {
   exit 0
 }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
+# Centiseconds since boot ("12.05" -> 1205; the 1-prefix keeps "05" from reading as octal).
+uptime_cs() { u=$(cut -d' ' -f1 /proc/uptime); echo $(( ${u%.*} * 100 + 1${u#*.} - 100 )); }
 
 mark "BOOT uptime=$(uptime_s) role=$P_role"
 [ "$P_quiet" = 1 ] && dmesg -n 1
@@ -132,14 +134,14 @@ report_tcp() {
   nic="$nic rx_bytes=$(cat $st/rx_bytes) rx_packets=$(cat $st/rx_packets)"
   mark "NIC $nic features=$(cat /sys/class/net/eth0/device/features)"
   if [ "$P_flow" = send ]; then  # one way: the receiver judges the stream
-    mark "TCP sent=$P_size recv=0 md5_ok=na elapsed=$1 flow=send"
+    mark "TCP sent=$P_size recv=0 md5_ok=na elapsed=$1 elapsed_cs=$2 flow=send"
     return
   fi
   sent=$P_size; [ "$P_flow" = recv ] && sent=0
   r=$(check_payload /tmp/rx)
   ok=0; [ "$r" = "$P_size" ] && ok=1
   [ "$r" -lt 0 ] && r=$(stat -c %s /tmp/rx)
-  mark "TCP sent=$sent recv=$r md5_ok=$ok elapsed=$1 flow=$P_flow"
+  mark "TCP sent=$sent recv=$r md5_ok=$ok elapsed=$1 elapsed_cs=$2 flow=$P_flow"
   [ "$ok" = 1 ] || fail "tcp integrity"
 }
 
@@ -147,7 +149,7 @@ report_tcp() {
 # upload (PORT) / the server's download (PORT+1), so packet counts show data frames alone.
 tcp_server() {
   make_payload; recv_stdin /tmp/hold
-  t0=$(cut -d. -f1 /proc/uptime)
+  t0=$(cut -d. -f1 /proc/uptime); c0=$(uptime_cs)
   mark "TCP listening port=$P_port"
   a=; b=
   if [ "$P_flow" != send ]; then
@@ -160,7 +162,7 @@ tcp_server() {
   fi
   [ -n "$a" ] && { wait $a || fail "tcp recv (server) status $?"; }
   [ -n "$b" ] && { wait $b || fail "tcp send (server) status $?"; }
-  report_tcp $(( $(cut -d. -f1 /proc/uptime) - t0 ))
+  report_tcp $(( $(cut -d. -f1 /proc/uptime) - t0 )) $(( $(uptime_cs) - c0 ))
 }
 
 # Retries until the connection is made: the server guest may still be booting.
@@ -177,7 +179,7 @@ tcp_client() {
   make_payload; recv_stdin /tmp/hold
   wait_peer || return
   do_ping
-  t0=$(cut -d. -f1 /proc/uptime)
+  t0=$(cut -d. -f1 /proc/uptime); c0=$(uptime_cs)
   a=; b=
   if [ "$P_flow" != recv ]; then
     nc_retry "$P_peer" "$P_port" < /tmp/tx > /dev/null &
@@ -189,7 +191,7 @@ tcp_client() {
   fi
   [ -n "$a" ] && { wait $a || fail "tcp send (client) status $?"; }
   [ -n "$b" ] && { wait $b || fail "tcp recv (client) status $?"; }
-  report_tcp $(( $(cut -d. -f1 /proc/uptime) - t0 ))
+  report_tcp $(( $(cut -d. -f1 /proc/uptime) - t0 )) $(( $(uptime_cs) - c0 ))
 }
 
 case "$P_role" in

@@ -132,6 +132,7 @@ class GuestResult:
     tcp_recv: int | None = None
     tcp_md5_ok: bool | None = None
     tcp_elapsed: int | None = None
+    tcp_elapsed_cs: int | None = None  # the same in centiseconds (benchmarks)
     tcp_flow: str | None = None  # both, send or recv (one-way runs; md5_ok None when send)
     dmar_faults: int | None = None
     nic: dict[str, int] = field(default_factory=dict)
@@ -172,6 +173,7 @@ def parse_markers(log: str) -> GuestResult:
             result.tcp_md5_ok = None if kv["md5_ok"] == "na" else kv["md5_ok"] == "1"
             result.tcp_flow = kv.get("flow", "both")
             result.tcp_elapsed = int(kv.get("elapsed", "-1"))
+            result.tcp_elapsed_cs = int(kv.get("elapsed_cs", "-1"))
         elif kind == "NIC":
             result.features = kv.pop("features", "")
             result.nic = {k: int(v) for k, v in kv.items()}
