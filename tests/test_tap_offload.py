@@ -235,6 +235,9 @@ def test_tunsetoffload_follows_the_peers_and_is_set_only_on_change(
     c, t4, t6 = TunOffload.CSUM, TunOffload.TSO4, TunOffload.TSO6
     assert calls == [c, c | t4 | t6, 0]
     assert tap.tun_offload == TunOffload(0)
+    switch.attach(tso)
+    tap.close()  # a persistent TAP must not keep handing super-frames to the next reader
+    assert calls == [c, c | t4 | t6, 0, c | t4 | t6, 0]
 
 
 def test_offloads_off_writes_bare_frames_and_never_sets_offloads(

@@ -375,6 +375,14 @@ class TapUplink:
         with this fd, but only if nothing else still holds it."""
         self.cancel_scope.cancel()
         if self.fd >= 0:
+            if self.tun_offload:
+                # A persistent TAP keeps its offloads: whoever attaches next without a
+                # virtio-net header must not be handed super-frames.
+                try:
+                    fcntl.ioctl(self.fd, TUNSETOFFLOAD, 0)
+                except OSError as exc:
+                    log.warning("tap %s: cannot clear its offloads: %s", self.name, exc.strerror)
+                self.tun_offload = NONE
             if delete:
                 _unpersist(self.fd, self.name)
             try:
