@@ -26,10 +26,15 @@ in-process with the simulator since virtio-user cannot negotiate
 ACCESS_PLATFORM), and the dirty log's cost (logging on vs off, in-process:
 virtio-user never starts logging).
 
+Then TCP through real QEMU guests (``bench/tcp_bench.py``): guest to guest and
+guest to a TAP, Mbit/s and bytes per packet with vhostd's offloads on and off,
+side by side with DPDK net_vhost (``tso=1``) and net_tap in io mode.
+
 The load average is printed before and after: on a shared 2-core machine the
 numbers mean something only relative to each other within one run.
 
 Run: .venv/bin/python bench/run.py [--quick] [--rounds N] [--seconds S] [--case TEXT]
+[--tcp-size MIB] [--no-tcp]
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import tcp_bench  # noqa: E402
+from bench.tcp_bench import TCP_CASES  # noqa: E402
 from tests.daemon import VhostdProcess  # noqa: E402
 from tests.lab.dpdk import Testpmd, VhostBackend, VirtioUser  # noqa: E402
 
@@ -349,14 +356,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-idle", action="store_true", help="skip the idle CPU measurement")
     parser.add_argument("--no-iotlb", action="store_true", help="skip the IOTLB cases")
     parser.add_argument("--no-log", action="store_true", help="skip the dirty-log cases")
+    parser.add_argument("--no-tcp", action="store_true", help="skip the QEMU TCP cases")
+    parser.add_argument("--tcp-size", type=int, help="MiB moved per TCP run (default 64; quick 8)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (1.0 if args.quick else 5.0)
     idle_seconds = args.idle_seconds or (2.0 if args.quick else 10.0)
     exact = [c for c in CASES if c.name in args.case]
     cases = exact or [c for c in CASES if not args.case or any(t in c.name for t in args.case)]
-    if not cases:
+    tcp_exact = [c for c in TCP_CASES if c.name in args.case]
+    tcp_cases = tcp_exact or [
+        c for c in TCP_CASES if not args.case or any(t in c.name for t in args.case)
+    ]
+    if args.no_tcp:
+        tcp_cases = []
+    if not cases and not tcp_cases:
         parser.error(f"no case matches {args.case}")
+    tcp_size = (args.tcp_size or (8 if args.quick else 64)) << 20
 
     print(f"# vhostd vs DPDK net_vhost ({os.cpu_count()} CPUs), load average {loadavg()}")
     print(f"# {rounds} round(s) x {len(cases)} case(s), {seconds:g} s windows", flush=True)
@@ -372,8 +388,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"DPDK {d.mpps:.3f} Mpps (load {loadavg()})",
                     flush=True,
                 )
-        print()
-        print_table(results)
+        if results:
+            print()
+            print_table(results)
+        if tcp_cases:
+            tcp_bench.report(tcp_cases, rounds, tcp_size, workdir)
         if not args.no_idle:
             vh, dp, src = idle_cpu(workdir, idle_seconds)
             print(

@@ -751,3 +751,17 @@ def test_reload_refuses_rename_and_global_changes() -> None:
 def test_problem_str_without_line() -> None:
     assert str(ConfigProblem(None, "x", "bad", "f")) == "f: x: bad"
     assert str(ConfigProblem(2, "", "bad")) == "<config>:2: bad"
+
+
+def test_tap_offloads_switch_parses_and_needs_the_tap_re_added() -> None:
+    on = parse_config('[[tap]]\nname = "t0"\n')
+    off = parse_config('[[tap]]\nname = "t0"\noffloads = false\n')
+    assert on.taps == (TapConfig("t0", offloads=True),)
+    assert off.taps == (TapConfig("t0", offloads=False),)
+    assert "offloads = false" in format_config(off)
+    assert parse_config(format_config(off)) == off
+    problem = one_problem('[[tap]]\nname = "t0"\noffloads = "no"\n')
+    assert (problem.line, problem.path) == (3, "tap[0].offloads")
+    plan = diff_for_reload(on, off)
+    assert not plan.ok
+    assert plan.refused == ["tap 't0': changing mtu or offloads needs the tap removed and re-added"]

@@ -1,6 +1,6 @@
 """Offload metadata through the switch: each receiver gets what it can take.
 
-A TAP uplink (no IFF_VNET_HDR yet) is a receiver without offloads: a flooded
+A TAP uplink with offloads off (no IFF_VNET_HDR) is a receiver without them: a flooded
 TSO super-frame reaches it as byte-exact segments and a partial checksum
 completed, counted; plain frames pass untouched.
 """
@@ -33,7 +33,7 @@ class Guest:
 
 def _tap(switch: Switch) -> tuple[TapUplink, socket.socket]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    tap = TapUplink("t0", switch)
+    tap = TapUplink("t0", switch, offloads=False)
     tap.fd = ours.detach()
     switch.attach(tap)
     return tap, theirs

@@ -123,6 +123,8 @@ class TapConfig:
 
     name: str
     mtu: int | None = None  # None leaves the kernel's default
+    offloads: bool = True
+    """IFF_VNET_HDR: checksum/TSO frames to and from the kernel whole (see ``tap``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,7 +642,8 @@ def _tap(c: _Checker, raw: Mapping[str, Any], i: int) -> tuple[int, TapConfig]:
     elif name is not None and (problem := tap_name_problem(name)):
         c.report(f"{path}.name", problem)
     mtu = c.integer(raw, path, "mtu", None, MIN_MTU, MAX_MTU)
-    return i, TapConfig(name=name or "", mtu=mtu)
+    offloads = c.boolean(raw, path, "offloads", True)
+    return i, TapConfig(name=name or "", mtu=mtu, offloads=offloads)
 
 
 def _check_unique(

@@ -78,7 +78,11 @@ JSON keys (``version`` changes only when a key is renamed or removed):
   ``port`` (a port's or a TAP's name), ``kind`` (``port`` or ``tap``),
   ``age_seconds`` (since a frame from that MAC was last seen there).
 - ``taps``: list of ``name``, ``rx_packets``, ``rx_bytes``, ``tx_packets``,
-  ``tx_bytes``, ``tx_dropped`` (rx: kernel to switch; tx: switch to kernel).
+  ``tx_bytes``, ``tx_dropped`` (rx: kernel to switch; tx: switch to kernel),
+  ``offloads`` (IFF_VNET_HDR on), ``tun_offload`` (what TUNSETOFFLOAD lets the
+  kernel leave undone), ``gso_rx``/``gso_tx`` (super-frames from/to the kernel
+  whole), ``segmented``, ``csum_completed`` (finished in software for the
+  kernel), ``bad_headers`` (refused headers from the kernel, by reason).
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ from .iotlb import IotlbStats
 from .net import QueueStats
 from .offload import OFFLOAD_FEATURES
 from .runtime import FileId, SetupError, remove_own_socket
+from .tapoffload import TunOffload
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -348,6 +353,13 @@ def snapshot(daemon: Daemon, now: float | None = None) -> dict[str, Any]:
                 "tx_packets": t.tx_packets,
                 "tx_bytes": t.tx_bytes,
                 "tx_dropped": t.tx_dropped,
+                "offloads": t.offloads,
+                "tun_offload": [f.name for f in TunOffload if f & t.tun_offload],
+                "gso_rx": t.gso_rx,
+                "gso_tx": t.gso_tx,
+                "segmented": t.segmented,
+                "csum_completed": t.csum_completed,
+                "bad_headers": {reason.value: n for reason, n in t.bad_headers.items()},
             }
             for t in daemon.taps
         ],

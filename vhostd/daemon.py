@@ -170,7 +170,7 @@ class Daemon:
                     continue
                 ports.append(port)
             for tap_cfg in tap_configs:
-                tap = TapUplink(tap_cfg.name, self.switch, tap_cfg.mtu)
+                tap = TapUplink(tap_cfg.name, self.switch, tap_cfg.mtu, offloads=tap_cfg.offloads)
                 try:
                     tap.open()
                 except SetupError as exc:

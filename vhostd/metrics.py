@@ -47,6 +47,7 @@ from .dirtylog import logged_pages
 from .offload import OFFLOAD_FEATURES
 from .runtime import SetupError
 from .stats import Histogram
+from .tapoffload import TunOffload
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -180,6 +181,12 @@ METRIC_NAMES: tuple[str, ...] = (
     "vhostd_tap_packets_total",
     "vhostd_tap_bytes_total",
     "vhostd_tap_drops_total",
+    "vhostd_tap_gso_frames_total",
+    "vhostd_tap_offload_segmented_total",
+    "vhostd_tap_offload_segments_total",
+    "vhostd_tap_offload_csum_completed_total",
+    "vhostd_tap_bad_headers_total",
+    "vhostd_tap_offloads",
     "vhostd_up",
     "vhostd_reload_success",
     "vhostd_reload_timestamp_seconds",
@@ -454,13 +461,53 @@ class DaemonCollector(Collector):
         drops = CounterMetricFamily(
             "vhostd_tap_drops", "Frames the TAP uplink could not write.", labels=labels
         )
+        gso = CounterMetricFamily(
+            "vhostd_tap_gso_frames",
+            "TCP super-frames read from (rx) or written to (tx) the kernel whole.",
+            labels=labels,
+        )
+        segmented = CounterMetricFamily(
+            "vhostd_tap_offload_segmented",
+            "Super-frames segmented in software for the kernel (TAP offloads off).",
+            labels=["tap"],
+        )
+        segments = CounterMetricFamily(
+            "vhostd_tap_offload_segments",
+            "Frames those software segmentations made.",
+            labels=["tap"],
+        )
+        completed = CounterMetricFamily(
+            "vhostd_tap_offload_csum_completed",
+            "Partial checksums completed in software for the kernel.",
+            labels=["tap"],
+        )
+        bad = CounterMetricFamily(
+            "vhostd_tap_bad_headers",
+            "Frames from the kernel dropped for their virtio-net header, by reason.",
+            labels=["tap", "reason"],
+        )
+        offloads = GaugeMetricFamily(
+            "vhostd_tap_offloads",
+            "1 for each offload the kernel may leave to vhostd (TUNSETOFFLOAD: CSUM, TSO4, ...).",
+            labels=["tap", "offload"],
+        )
         for tap in self.daemon.taps:
             packets.add_metric([tap.name, "rx"], tap.rx_packets)
             packets.add_metric([tap.name, "tx"], tap.tx_packets)
             octets.add_metric([tap.name, "rx"], tap.rx_bytes)
             octets.add_metric([tap.name, "tx"], tap.tx_bytes)
             drops.add_metric([tap.name, "tx"], tap.tx_dropped)
-        yield from (packets, octets, drops)
+            gso.add_metric([tap.name, "rx"], tap.gso_rx)
+            gso.add_metric([tap.name, "tx"], tap.gso_tx)
+            segmented.add_metric([tap.name], tap.segmented)
+            segments.add_metric([tap.name], tap.segments)
+            completed.add_metric([tap.name], tap.csum_completed)
+            for reason, n in tap.bad_headers.items():
+                bad.add_metric([tap.name, reason.value], n)
+            for flag in TunOffload:
+                if flag & tap.tun_offload:
+                    offloads.add_metric([tap.name, flag.name or ""], 1)
+        yield from (packets, octets, drops, gso, segmented, segments, completed, bad, offloads)
 
 
 def make_registry(daemon: Daemon) -> CollectorRegistry:

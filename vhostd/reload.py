@@ -91,7 +91,9 @@ def diff_for_reload(old: DaemonConfig, new: DaemonConfig) -> ReloadPlan:
     plan.remove_taps = [t for name, t in old_taps.items() if name not in new_taps]
     for name, tap in new_taps.items():
         if name in old_taps and old_taps[name] != tap:
-            plan.refused.append(f"tap {name!r}: changing mtu needs the tap removed and re-added")
+            plan.refused.append(
+                f"tap {name!r}: changing mtu or offloads needs the tap removed and re-added"
+            )
 
     if old.log_level != new.log_level:
         plan.log_level = new.log_level

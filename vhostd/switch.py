@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from .net import Frame
@@ -48,6 +49,7 @@ class Switch:
         self._table: OrderedDict[bytes, tuple[Endpoint, float]] = OrderedDict()
         self._endpoints: list[Endpoint] = []
         self._touched: dict[Endpoint, None] = {}
+        self._watchers: list[Callable[[], None]] = []
         self.flooded = 0
         self.forwarded = 0
         self.moves = 0
@@ -58,9 +60,25 @@ class Switch:
     def mac_entries(self) -> int:
         return len(self._table)
 
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return tuple(self._endpoints)
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every attach and detach (a TAP re-deciding its
+        offloads from its peers'); a session attaches again when its rings restart
+        with new features."""
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
+
     def attach(self, endpoint: Endpoint) -> None:
         if endpoint not in self._endpoints:
             self._endpoints.append(endpoint)
+        for callback in self._watchers:
+            callback()
 
     def detach(self, endpoint: Endpoint) -> None:
         """Remove an endpoint and every MAC learnt on it."""
@@ -68,6 +86,8 @@ class Switch:
             self._endpoints.remove(endpoint)
         for mac in [m for m, (ep, _) in self._table.items() if ep is endpoint]:
             del self._table[mac]
+        for callback in self._watchers:
+            callback()
 
     def tick(self) -> None:
         """Take the time once per burst rather than once per frame."""

@@ -1,8 +1,14 @@
 """A TAP uplink: the host kernel's network stack as one more switch port.
 
 Frames the kernel sends out of the TAP interface enter the switch; frames
-the switch sends to the uplink are written to the TAP fd. No offloads are
-negotiated (no IFF_VNET_HDR), matching what the guests are offered.
+the switch sends to the uplink are written to the TAP fd. With offloads on
+(the default; ``[[tap]] offloads = false`` turns them off) the TAP is opened
+with ``IFF_VNET_HDR``: every frame carries a 12-byte virtio-net header, so
+TCP super-frames and checksum-partial frames go to and come from the host
+kernel whole. What the kernel may send (``TUNSETOFFLOAD``) follows the union
+of what the TAP's switch peers take whole, re-applied when one attaches or
+detaches (``tapoffload``); headers from the kernel are judged like a guest's.
+Without offloads, frames to the TAP are segmented and checksummed in software.
 
 The interface is persistent (TUNSETPERSIST): it outlives the daemon's fd, so a
 restart attaches to the same device and the host's addresses, bridge
@@ -21,13 +27,33 @@ import logging
 import os
 import socket
 import struct
+from collections import Counter
 
 import trio
 
 from .net import Frame
-from .offload import PLAIN, Action, VnetHeader, for_receiver
+from .offload import (
+    GSO_NONE,
+    MAX_OFFLOAD_FRAME,
+    PLAIN,
+    Action,
+    BadHeader,
+    VnetHeader,
+    check_tx,
+    for_receiver,
+)
 from .runtime import SetupError, user_name
 from .switch import Switch
+from .tapoffload import (
+    KERNEL_SENDS,
+    KERNEL_TAKES,
+    NONE,
+    PLAIN_HEADER,
+    VNET_HDR_LEN,
+    TunOffload,
+    header_bytes,
+    tun_offload_flags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +61,10 @@ TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
 TUNGETIFF = 0x800454D2
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
+IFF_VNET_HDR = 0x4000
 IFF_PERSIST = 0x0800
 IFF_NO_PI = 0x1000
 SIOCGIFFLAGS = 0x8913
@@ -45,13 +74,19 @@ SIOCSIFMTU = 0x8922
 IFF_UP = 0x1
 IFREQ_SIZE = 40  # sizeof(struct ifreq)
 READ_BURST = 64
-MAX_FRAME = 65536
+READ_SIZE = VNET_HDR_LEN + MAX_OFFLOAD_FRAME
+"""The largest read: a header and the largest frame a header may describe."""
 
 
-def _attach(name: str) -> tuple[int, bool]:
+def _attach(name: str, vnet_hdr: bool) -> tuple[int, bool]:
     """An fd attached to TAP ``name`` (created if missing) and whether it was created.
 
     A created TAP is made persistent at once; one that existed is left as it was.
+    ``vnet_hdr``: frames on this fd carry a 12-byte virtio-net header. The flag
+    belongs to the attach (TUNSETIFF), not the device, so it need not match
+    whatever opened a persistent TAP before. TUNSETOFFLOAD does persist: it is
+    set here, to nothing, so an old setting cannot hand this fd super-frames
+    before the peers are known (and never, without a header).
     """
     who = f"tap {name}"
     try:
@@ -63,9 +98,11 @@ def _attach(name: str) -> tuple[int, bool]:
         ) from None
     except OSError as exc:
         raise SetupError(f"{who}: cannot open {TUN_DEVICE}: {exc.strerror}") from None
+    created = False
     try:
         try:
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+            flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
         except OSError as exc:
             raise SetupError(_attach_problem(name, exc)) from None
         got = fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ_SIZE))
@@ -73,7 +110,16 @@ def _attach(name: str) -> tuple[int, bool]:
         if created:
             # Not persistent means nobody else had it: this fd just created it.
             fcntl.ioctl(fd, TUNSETPERSIST, 1)
+        try:
+            if vnet_hdr:
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+        except OSError as exc:
+            fix = "turn them off (offloads = false in its [[tap]])" if vnet_hdr else "a kernel bug?"
+            raise SetupError(f"{who}: cannot set its offloads: {exc.strerror}: {fix}") from None
     except BaseException:
+        if created:
+            _unpersist(fd, name)
         os.close(fd)
         raise
     return fd, created
@@ -160,10 +206,14 @@ class CreatedTaps:
 class TapUplink:
     """One TAP interface attached to the switch."""
 
-    def __init__(self, name: str, switch: Switch, mtu: int | None = None) -> None:
+    def __init__(
+        self, name: str, switch: Switch, mtu: int | None = None, *, offloads: bool = True
+    ) -> None:
         self.name = name
         self.switch = switch
         self.mtu = mtu
+        self.offloads = offloads
+        """Open with IFF_VNET_HDR: offloaded frames go to and come from the kernel whole."""
         self.fd = -1
         self.created = False
         """This uplink's open() created the interface (it did not exist before)."""
@@ -172,13 +222,19 @@ class TapUplink:
         self.tx_dropped = 0
         self.segmented = self.segments = self.csum_completed = 0
         """Offloaded frames from guests finished in software for the kernel."""
-        self.features = 0
+        self.gso_tx = self.gso_rx = 0
+        """GSO super-frames written to / read from the kernel whole."""
+        self.bad_headers: Counter[BadHeader] = Counter()
+        """Frames from the kernel whose header was refused (dropped), by reason."""
+        self.features = KERNEL_TAKES if offloads else 0
         """The offloads the kernel takes on this TAP, as virtio GUEST_* feature bits."""
+        self.tun_offload = NONE
+        """What TUNSETOFFLOAD last asked the kernel to leave undone (``tapoffload``)."""
         self.cancel_scope = trio.CancelScope()
 
     def open(self) -> None:
         """Create (or attach to) the interface and bring it up; SetupError says why not."""
-        fd, created = _attach(self.name)
+        fd, created = _attach(self.name, self.offloads)
         try:
             self._configure()
         except BaseException:
@@ -187,6 +243,29 @@ class TapUplink:
             os.close(fd)
             raise
         self.fd, self.created = fd, created
+        self.tun_offload = NONE
+
+    def update_offloads(self) -> None:
+        """Set TUNSETOFFLOAD to the union of the peers' offloads, if it changed.
+
+        Called by the switch after every attach and detach. A failure keeps
+        the old flags (still correct: whatever the kernel sends is judged and,
+        where a peer cannot take it, finished in software) and is logged.
+        """
+        if not self.offloads or self.fd < 0:
+            return
+        flags = tun_offload_flags(
+            int(getattr(ep, "features", 0)) for ep in self.switch.endpoints if ep is not self
+        )
+        if flags == self.tun_offload:
+            return
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, int(flags))
+        except OSError as exc:
+            log.warning("tap %s: cannot set offloads %s: %s", self.name, flags, exc.strerror)
+            return
+        log.info("tap %s: the kernel may send %s", self.name, _flag_names(flags))
+        self.tun_offload = flags
 
     def _configure(self) -> None:
         """MTU and IFF_UP, each set only when it differs: an up TAP pre-created with
@@ -215,23 +294,31 @@ class TapUplink:
     def send(self, frame: Frame, hdr: VnetHeader = PLAIN) -> None:
         """Switch -> kernel. A full TAP queue drops the frame (and counts it).
 
-        Offloads the TAP does not take are finished here (``offload``).
+        Offloads the TAP does not take are finished here (``offload``); with
+        offloads on, only headers ``check_tx`` accepted are ever written, so
+        the kernel's ``virtio_net_hdr_to_skb`` never sees a malformed one.
         """
-        if hdr is not PLAIN:
-            out = for_receiver(frame, hdr, self.features)
-            if out.action is Action.SEGMENTED:
-                self.segmented += 1
-                self.segments += len(out.frames)
-            elif out.action is Action.CSUM_COMPLETED:
-                self.csum_completed += 1
-            for f in out.frames:
-                self._write(f)
-        else:
-            self._write(frame)
+        if hdr is PLAIN:
+            self._write(frame, PLAIN_HEADER)
+            return
+        out = for_receiver(frame, hdr, self.features)
+        if out.action is Action.SEGMENTED:
+            self.segmented += 1
+            self.segments += len(out.frames)
+        elif out.action is Action.CSUM_COMPLETED:
+            self.csum_completed += 1
+        elif out.action is Action.GSO_WHOLE:
+            self.gso_tx += 1
+        head = header_bytes(out.hdr)
+        for f in out.frames:
+            self._write(f, head)
 
-    def _write(self, frame: Frame) -> None:
+    def _write(self, frame: Frame, head: bytes) -> None:
         try:
-            os.write(self.fd, frame)
+            if self.offloads:
+                os.writev(self.fd, (head, frame))
+            else:
+                os.write(self.fd, frame)
         except OSError:
             self.tx_dropped += 1
             return
@@ -248,8 +335,10 @@ class TapUplink:
 
     async def _serve(self) -> None:
         fd, switch = self.fd, self.switch
-        buf = bytearray(MAX_FRAME)
+        buf = bytearray(READ_SIZE)
         view = memoryview(buf)
+        skip = VNET_HDR_LEN if self.offloads else 0
+        switch.watch(self.update_offloads)
         switch.attach(self)
         try:
             while True:
@@ -261,12 +350,24 @@ class TapUplink:
                     except BlockingIOError:
                         break
                     self.rx_packets += 1
-                    self.rx_bytes += n
-                    if n >= 14:
-                        switch.forward(self, view[:n])
+                    self.rx_bytes += n - skip
+                    if n < skip + 14:
+                        continue
+                    frame = view[skip:n]
+                    if skip and (buf[0] or buf[1]):  # flags or gso_type: an offload
+                        hdr = check_tx(view[:10], frame, KERNEL_SENDS)
+                        if isinstance(hdr, BadHeader):
+                            self.bad_headers[hdr] += 1
+                            continue
+                        if hdr.gso_type != GSO_NONE:
+                            self.gso_rx += 1
+                        switch.forward(self, frame, hdr)
+                    else:
+                        switch.forward(self, frame)
                 switch.flush()
                 await trio.lowlevel.checkpoint()
         finally:
+            switch.unwatch(self.update_offloads)
             switch.detach(self)
 
     def close(self, *, delete: bool = False) -> None:
@@ -274,6 +375,14 @@ class TapUplink:
         with this fd, but only if nothing else still holds it."""
         self.cancel_scope.cancel()
         if self.fd >= 0:
+            if self.tun_offload:
+                # A persistent TAP keeps its offloads: whoever attaches next without a
+                # virtio-net header must not be handed super-frames.
+                try:
+                    fcntl.ioctl(self.fd, TUNSETOFFLOAD, 0)
+                except OSError as exc:
+                    log.warning("tap %s: cannot clear its offloads: %s", self.name, exc.strerror)
+                self.tun_offload = NONE
             if delete:
                 _unpersist(self.fd, self.name)
             try:
@@ -289,3 +398,7 @@ def _unpersist(fd: int, name: str) -> None:
         fcntl.ioctl(fd, TUNSETPERSIST, 0)
     except OSError as exc:
         log.warning("tap %s: cannot make it non-persistent: %s; it stays", name, exc.strerror)
+
+
+def _flag_names(flags: TunOffload) -> str:
+    return "|".join(f.name or "" for f in TunOffload if f & flags) or "nothing (it finishes all)"

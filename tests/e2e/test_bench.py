@@ -24,6 +24,7 @@ def test_bench_quick_smoke(testpmd_binary: str) -> None:
             "txonly 64B -> sink",
             "--no-idle",
             "--no-iotlb",
+            "--no-tcp",
         ],
         cwd=REPO,
         capture_output=True,
@@ -39,3 +40,21 @@ def test_bench_quick_smoke(testpmd_binary: str) -> None:
     assert vhostd_mpps > 0.01 and dpdk_mpps > 0.01, out.stdout
     assert ratio == pytest.approx(vhostd_mpps / dpdk_mpps, rel=0.05)
     assert cpu > 0  # the back-end did burn CPU for the packets it took
+
+
+def test_bench_tcp_smoke(testpmd_binary: str) -> None:
+    """One TCP case through a real guest and a TAP: the row prints with real numbers."""
+    case = "guest->TAP vhostd offloads on"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--case", case,
+         "--tcp-size", "4", "--no-idle", "--no-iotlb", "--no-log"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    row = re.search(rf"^{re.escape(case)}\s+([\d.]+)\s+(\d+)\s+(\d+)", out.stdout, re.M)
+    assert row, out.stdout
+    mbit, tx, rx = float(row[1]), int(row[2]), int(row[3])
+    assert mbit > 1 and tx > 1514 and rx > 1514, out.stdout  # super-frames to the kernel

@@ -68,11 +68,13 @@ class VhostBackend:
     queues: int = 1
     client: bool = False  # False: net_vhost listens on iface
     iommu_support: bool = False
+    tso: bool = False  # offer HOST/GUEST TSO and checksum offloads to the guest
 
     def vdev(self, index: int) -> str:
         return (
             f"net_vhost{index},iface={self.iface},queues={self.queues},"
-            f"client={int(self.client)},iommu-support={int(self.iommu_support)}"
+            f"client={int(self.client)},iommu-support={int(self.iommu_support)},"
+            f"tso={int(self.tso)}"
         )
 
 

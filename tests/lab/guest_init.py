@@ -23,7 +23,7 @@ mount -t devtmpfs dev /dev
 mkdir -p /tmp
 
 P_role=idle; P_ip=10.0.0.1/24; P_peer=10.0.0.2; P_mtu=1500; P_count=5; P_interval=0.2
-P_size=8388608; P_port=5201; P_timeout=120; P_quiet=1
+P_size=8388608; P_port=5201; P_timeout=120; P_quiet=1; P_flow=both; P_tso_segs=
 for w in $(cat /proc/cmdline); do
   case "$w" in
     vhd.*=*) k=${w%%=*}; k=${k#vhd.}; v=${w#*=}
@@ -45,6 +45,8 @@ finish() {
   exit 0
 }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
+# Centiseconds since boot ("12.05" -> 1205; the 1-prefix keeps "05" from reading as octal).
+uptime_cs() { u=$(cut -d' ' -f1 /proc/uptime); echo $(( ${u%.*} * 100 + 1${u#*.} - 100 )); }
 
 mark "BOOT uptime=$(uptime_s) role=$P_role"
 [ "$P_quiet" = 1 ] && dmesg -n 1
@@ -58,6 +60,11 @@ while [ ! -e /sys/class/net/eth0 ]; do
   sleep 0.1
 done
 ip link set lo up
+# TCP sizes a TSO frame to ~1 ms of its pacing rate, at least tcp_min_tso_segs segments:
+# a TCG-slow peer would otherwise make every frame 2 segments, whatever the path allows.
+if [ -n "$P_tso_segs" ]; then
+  echo "$P_tso_segs" > /proc/sys/net/ipv4/tcp_min_tso_segs || fail "tcp_min_tso_segs"
+fi
 ip link set eth0 mtu "$P_mtu" || fail "mtu $P_mtu"
 ip addr add "$P_ip" dev eth0
 ip link set eth0 up
@@ -126,24 +133,36 @@ report_tcp() {
   nic="tx_bytes=$(cat $st/tx_bytes) tx_packets=$(cat $st/tx_packets)"
   nic="$nic rx_bytes=$(cat $st/rx_bytes) rx_packets=$(cat $st/rx_packets)"
   mark "NIC $nic features=$(cat /sys/class/net/eth0/device/features)"
+  if [ "$P_flow" = send ]; then  # one way: the receiver judges the stream
+    mark "TCP sent=$P_size recv=0 md5_ok=na elapsed=$1 elapsed_cs=$2 flow=send"
+    return
+  fi
+  sent=$P_size; [ "$P_flow" = recv ] && sent=0
   r=$(check_payload /tmp/rx)
   ok=0; [ "$r" = "$P_size" ] && ok=1
   [ "$r" -lt 0 ] && r=$(stat -c %s /tmp/rx)
-  mark "TCP sent=$P_size recv=$r md5_ok=$ok elapsed=$1"
+  mark "TCP sent=$sent recv=$r md5_ok=$ok elapsed=$1 elapsed_cs=$2 flow=$P_flow"
   [ "$ok" = 1 ] || fail "tcp integrity"
 }
 
+# P_flow: both (default) moves P_size each way at once; recv / send only the client's
+# upload (PORT) / the server's download (PORT+1), so packet counts show data frames alone.
 tcp_server() {
   make_payload; recv_stdin /tmp/hold
-  t0=$(cut -d. -f1 /proc/uptime)
+  t0=$(cut -d. -f1 /proc/uptime); c0=$(uptime_cs)
   mark "TCP listening port=$P_port"
-  timeout "$P_timeout" nc -l -p "$P_port" > /tmp/rx 0<>/tmp/hold &
-  a=$!
-  timeout "$P_timeout" nc -l -p $((P_port + 1)) < /tmp/tx > /dev/null &
-  b=$!
-  wait $a || fail "tcp recv (server) status $?"
-  wait $b || fail "tcp send (server) status $?"
-  report_tcp $(( $(cut -d. -f1 /proc/uptime) - t0 ))
+  a=; b=
+  if [ "$P_flow" != send ]; then
+    timeout "$P_timeout" nc -l -p "$P_port" > /tmp/rx 0<>/tmp/hold &
+    a=$!
+  fi
+  if [ "$P_flow" != recv ]; then
+    timeout "$P_timeout" nc -l -p $((P_port + 1)) < /tmp/tx > /dev/null &
+    b=$!
+  fi
+  [ -n "$a" ] && { wait $a || fail "tcp recv (server) status $?"; }
+  [ -n "$b" ] && { wait $b || fail "tcp send (server) status $?"; }
+  report_tcp $(( $(cut -d. -f1 /proc/uptime) - t0 )) $(( $(uptime_cs) - c0 ))
 }
 
 # Retries until the connection is made: the server guest may still be booting.
@@ -160,14 +179,19 @@ tcp_client() {
   make_payload; recv_stdin /tmp/hold
   wait_peer || return
   do_ping
-  t0=$(cut -d. -f1 /proc/uptime)
-  nc_retry "$P_peer" "$P_port" < /tmp/tx > /dev/null &
-  a=$!
-  nc_retry "$P_peer" $((P_port + 1)) > /tmp/rx 0<>/tmp/hold &
-  b=$!
-  wait $a || fail "tcp send (client) status $?"
-  wait $b || fail "tcp recv (client) status $?"
-  report_tcp $(( $(cut -d. -f1 /proc/uptime) - t0 ))
+  t0=$(cut -d. -f1 /proc/uptime); c0=$(uptime_cs)
+  a=; b=
+  if [ "$P_flow" != recv ]; then
+    nc_retry "$P_peer" "$P_port" < /tmp/tx > /dev/null &
+    a=$!
+  fi
+  if [ "$P_flow" != send ]; then
+    nc_retry "$P_peer" $((P_port + 1)) > /tmp/rx 0<>/tmp/hold &
+    b=$!
+  fi
+  [ -n "$a" ] && { wait $a || fail "tcp send (client) status $?"; }
+  [ -n "$b" ] && { wait $b || fail "tcp recv (client) status $?"; }
+  report_tcp $(( $(cut -d. -f1 /proc/uptime) - t0 )) $(( $(uptime_cs) - c0 ))
 }
 
 case "$P_role" in

@@ -117,11 +117,20 @@ class Netns:
         raise TimeoutError(f"{address} unreachable from netns {self.name} after {timeout:.0f}s")
 
     def tcp_peer(
-        self, mode: str, host: str, port: int = 5201, size: int = 8 << 20, timeout: float = 120.0
+        self,
+        mode: str,
+        host: str,
+        port: int = 5201,
+        size: int = 8 << 20,
+        timeout: float = 120.0,
+        flow: str = "both",
     ) -> subprocess.Popen[bytes]:
-        """The host side of the guest tcp roles; read its verdict with `tcp_peer_result`."""
+        """The host side of the guest tcp roles; read its verdict with `tcp_peer_result`.
+
+        ``flow`` recv / send: only the upload / download stream (see tcp_peer)."""
         argv = [sys.executable, str(TCP_PEER_SCRIPT), mode, host]
         argv += ["--port", str(port), "--size", str(size), "--timeout", str(timeout)]
+        argv += ["--flow", flow]
         return self.popen(argv, stdout=subprocess.PIPE)
 
     def delete(self) -> None:

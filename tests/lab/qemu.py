@@ -88,9 +88,15 @@ def tcp_pair(
     timeout: int,
     server_iommu: Iommu | None = None,
     client_iommu: Iommu | None = None,
+    one_way: bool = False,
 ) -> tuple[GuestConfig, GuestConfig]:
     """Two guests on 10.0.0.0/24: a TCP server, and a client that pings it 10 times
-    and then moves ``size`` bytes each way (md5-checked); ``timeout`` bounds each /init."""
+    and then moves ``size`` bytes each way (md5-checked); ``timeout`` bounds each /init.
+
+    ``one_way``: only client -> server, so the client's TX and the server's RX counters
+    hold data frames alone (the server's TX only ACKs), not both streams mixed."""
+    flow_server: dict[str, str | int] = {"flow": "recv", "size": size} if one_way else {}
+    flow_client: dict[str, str | int] = {"flow": "send"} if one_way else {}
     server = GuestConfig(
         socket=server_socket,
         mac="52:54:00:00:00:01",
@@ -98,7 +104,7 @@ def tcp_pair(
         ip="10.0.0.1/24",
         peer="10.0.0.2",
         iommu=server_iommu,
-        params={"timeout": timeout},
+        params={"timeout": timeout, **flow_server},
     )
     client = GuestConfig(
         socket=client_socket,
@@ -107,7 +113,7 @@ def tcp_pair(
         ip="10.0.0.2/24",
         peer="10.0.0.1",
         iommu=client_iommu,
-        params={"timeout": timeout, "count": 10, "size": size},
+        params={"timeout": timeout, "count": 10, "size": size, **flow_client},
     )
     return server, client
 
@@ -126,6 +132,8 @@ class GuestResult:
     tcp_recv: int | None = None
     tcp_md5_ok: bool | None = None
     tcp_elapsed: int | None = None
+    tcp_elapsed_cs: int | None = None  # the same in centiseconds (benchmarks)
+    tcp_flow: str | None = None  # both, send or recv (one-way runs; md5_ok None when send)
     dmar_faults: int | None = None
     nic: dict[str, int] = field(default_factory=dict)
     """eth0's statistics after the transfer (tx_bytes, tx_packets, rx_bytes, rx_packets)."""
@@ -162,8 +170,10 @@ def parse_markers(log: str) -> GuestResult:
         elif kind == "TCP" and "md5_ok" in kv:
             result.tcp_sent = int(kv["sent"])
             result.tcp_recv = int(kv["recv"])
-            result.tcp_md5_ok = kv["md5_ok"] == "1"
+            result.tcp_md5_ok = None if kv["md5_ok"] == "na" else kv["md5_ok"] == "1"
+            result.tcp_flow = kv.get("flow", "both")
             result.tcp_elapsed = int(kv.get("elapsed", "-1"))
+            result.tcp_elapsed_cs = int(kv.get("elapsed_cs", "-1"))
         elif kind == "NIC":
             result.features = kv.pop("features", "")
             result.nic = {k: int(v) for k, v in kv.items()}

@@ -57,10 +57,15 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
             time.sleep(0.5)
 
 
-def run(mode: str, host: str, port: int, size: int, timeout: float) -> dict[str, object]:
+def run(
+    mode: str, host: str, port: int, size: int, timeout: float, flow: str = "both"
+) -> dict[str, object]:
+    """``flow`` recv / send: only the upload (PORT) / download (PORT+1) stream."""
     deadline = time.monotonic() + timeout
     payload = make_payload(size)
     received: list[bytes] = []
+    if flow != "both":
+        return _one_way(mode, host, port if flow == "recv" else port + 1, flow, payload, deadline)
     if mode == "server":
         listeners = []
         for p in (port, port + 1):
@@ -95,6 +100,33 @@ def run(mode: str, host: str, port: int, size: int, timeout: float) -> dict[str,
             "elapsed": round(time.monotonic() - start, 3)}  # fmt: skip
 
 
+def _one_way(
+    mode: str, host: str, port: int, flow: str, payload: bytes, deadline: float
+) -> dict[str, object]:
+    if mode == "server":
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as ls:
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind((host, port))
+            ls.listen(1)
+            ls.settimeout(max(1.0, deadline - time.monotonic()))
+            print(json.dumps({"listening": port}), flush=True)
+            sock, _ = ls.accept()
+    else:
+        sock = _connect(host, port, deadline)
+    sock.settimeout(max(1.0, deadline - time.monotonic()))
+    start = time.monotonic()
+    size = len(payload) - TRAILER
+    if flow == "send":
+        _send(sock, payload)
+        return {"sent": size, "recv": 0, "md5_ok": None,
+                "elapsed": round(time.monotonic() - start, 3)}  # fmt: skip
+    received: list[bytes] = []
+    _recv(sock, received)
+    recv, ok = check_payload(b"".join(received))
+    return {"sent": 0, "recv": recv, "md5_ok": ok,
+            "elapsed": round(time.monotonic() - start, 3)}  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mode", choices=["server", "client"])
@@ -102,10 +134,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=5201)
     parser.add_argument("--size", type=int, default=8 << 20)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--flow", choices=["both", "recv", "send"], default="both")
     args = parser.parse_args(argv)
-    result = run(args.mode, args.host, args.port, args.size, args.timeout)
+    result = run(args.mode, args.host, args.port, args.size, args.timeout, args.flow)
     print(json.dumps(result), flush=True)
-    return 0 if result["md5_ok"] else 1
+    return 0 if result["md5_ok"] is not False else 1
 
 
 if __name__ == "__main__":
