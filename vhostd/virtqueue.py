@@ -62,6 +62,10 @@ class QueueFault(StrEnum):
     DENIED = "access_denied"
     RING_UNMAPPED = "ring_unmapped"
     RING_MISALIGNED = "ring_misaligned"
+    WRAP = "wrong_wrap_bits"
+    """Packed: a descriptor of a chain is not available in the wrap of its position."""
+    ID_RANGE = "buffer_id_out_of_range"
+    """Packed: a chain's buffer id is not below the queue size."""
 
 
 class QueueError(Exception):
@@ -80,6 +84,8 @@ def ring_sizes(size: int, event_idx: bool) -> tuple[int, int, int]:
 
 class SplitQueue:
     """One started split ring: its addresses, indices and cached views."""
+
+    packed = False
 
     __slots__ = (
         "_avail",
@@ -137,6 +143,11 @@ class SplitQueue:
         """The used ring's guest-physical address (for the log), found at refresh."""
         self._gen: tuple[int, int, int] | None = None
         self._desc = self._avail = self._used = self._used16 = memoryview(b"")
+
+    @property
+    def base(self) -> int:
+        """What GET_VRING_BASE reports: where the driver should resume."""
+        return self.last_avail
 
     # -- rings -------------------------------------------------------------
 
