@@ -528,7 +528,11 @@ class Frontend:
         ring: SplitRing | PackedRing
         if self.features & VirtioFeature.RING_PACKED:
             ring = PackedRing(
-                self.ram, self.dma, size, event_idx=event_idx, start=0x8000 if start is None else start
+                self.ram,
+                self.dma,
+                size,
+                event_idx=event_idx,
+                start=0x8000 if start is None else start,
             )
         else:
             ring = SplitRing(self.ram, self.dma, size, event_idx=event_idx)
