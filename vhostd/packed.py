@@ -122,6 +122,7 @@ class PackedQueue:
         "counts",
         "desc_addr",
         "event_idx",
+        "first_avail",
         "ids",
         "index",
         "indirect",
@@ -166,7 +167,7 @@ class PackedQueue:
         self.indirect = indirect
         self.max_chain_bytes = max_chain_bytes
         avail, used = base_halves(base)
-        self.last_avail = self._clamp(avail)
+        self.last_avail = self.first_avail = self._clamp(avail)
         self.last_used = self._clamp(used)
         self.signalled_used = 0
         self.signalled_valid = False

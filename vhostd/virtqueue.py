@@ -96,6 +96,7 @@ class SplitQueue:
         "avail_addr",
         "desc_addr",
         "event_idx",
+        "first_avail",
         "index",
         "indirect",
         "last_avail",
@@ -133,7 +134,7 @@ class SplitQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.max_chain_bytes = max_chain_bytes
-        self.last_avail = base & 0xFFFF
+        self.last_avail = self.first_avail = base & 0xFFFF
         self.last_used = base & 0xFFFF
         self.signalled_used = 0
         self.signalled_valid = False

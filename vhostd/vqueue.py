@@ -34,6 +34,8 @@ class Virtqueue(Protocol):
     indirect: bool
     max_chain_bytes: int
     last_avail: int
+    first_avail: int
+    """Where the ring was started (packed: a position; diagnosis compares against it)."""
     last_used: int
     log: DirtyLog | None
     log_used: int
