@@ -146,10 +146,10 @@ PACKED_CASES = {
         features=DEFAULT_NET_FEATURES | VirtioFeature.RING_PACKED,
     ),
     "tx_writable": BadPackedRing(badpacked.wrong_direction, "wrong_descriptor_direction"),
-    "rx_read_only": BadPackedRing(
-        badpacked.wrong_direction, "wrong_descriptor_direction", queue=0
+    "rx_read_only": BadPackedRing(badpacked.wrong_direction, "wrong_descriptor_direction", queue=0),
+    "unmapped": BadPackedRing(
+        lambda r, rx: badpacked.single(r, GAP_GPA, 64, rx), "address_unmapped"
     ),
-    "unmapped": BadPackedRing(lambda r, rx: badpacked.single(r, GAP_GPA, 64, rx), "address_unmapped"),
     "iova_past_2_64": BadPackedRing(
         lambda r, rx: badpacked.single(r, (1 << 64) - 16, 64, rx), "address_unmapped", iommu=True
     ),
