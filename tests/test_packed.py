@@ -181,3 +181,19 @@ async def test_split_ring_when_the_driver_declines_packed() -> None:
         assert all(not isinstance((v.tx or v.rx).queue, PackedQueue) for v in s.vrings[:2])  # type: ignore[union-attr]
         fe.post_rx(0, 8)
         await reflect_rounds(fe, 2, 4)
+
+
+@pytest.mark.trio
+async def test_packed_stale_base_resumes_where_the_ring_stands() -> None:
+    """QEMU 7.2 after a back-end restart: SET_VRING_BASE says 0x8000, the rings are further on."""
+    async with ports("reflect") as (_, (p0,)), Frontend.connect(p0.config.socket) as fe:
+        await fe.net_setup(features=PACKED, queue_size=32)
+        fe.post_rx(0, 16)
+        await reflect_rounds(fe, 3, 5)  # 15 chains each way
+        await fe.stop()
+        for q in (0, 1):
+            await fe.start_ring(q, 0x8000)  # the first base again: both rings passed it
+            await fe.set_vring_enable(q, True)
+        await reflect_rounds(fe, 5, 5)  # 25 more: across the end of the rings
+        assert await fe.get_vring_base(1) == advance(0x8000, 40, 32) * 0x10001
+        assert not p0.stats.queue_faults

@@ -27,6 +27,7 @@ position at rest: what ``sync_from_used`` relies on.
 
 from __future__ import annotations
 
+import logging
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ START = WRAP
 EVENT_BYTES = 4
 
 fence = lib.vhostd_fence
+log = logging.getLogger(__name__)
 
 
 def ring_sizes(size: int) -> tuple[int, int, int]:
@@ -243,11 +245,50 @@ class PackedQueue:
         self._desc = self._avail = self._used = self._used16 = self._desc16 = memoryview(b"")
 
     def sync_from_used(self) -> int:
-        """Resume at the used position: chains between it and avail were never returned."""
+        """Resume at the used position: chains between it and avail were never returned.
+
+        A base the ring has already passed is replaced by where the ring
+        stands (:meth:`resume_point`): QEMU 7.2 does not read a packed ring's
+        position back when its back-end goes away, so after a restart of
+        vhostd it sends the base it last knew, often the very first one.
+        """
         self.refresh()
-        self.last_avail = self.last_used
+        if self._used_here(self.last_used):
+            found = self.resume_point()
+            log.warning(
+                "vring %d: packed base %#x was already used; resuming at %#x, where the ring is",
+                self.index,
+                self.last_used,
+                found,
+            )
+            self.last_used = found
+        self.last_avail = self.first_avail = self.last_used
         self.signalled_valid = False
         return self.last_used
+
+    def _used_here(self, pos: int) -> bool:
+        """The descriptor at ``pos`` is one the device used in ``pos``'s own lap."""
+        flags = self._flags(pos)
+        wrap = bool(pos & WRAP)
+        return bool(flags & DESC_F_AVAIL) == wrap and bool(flags & DESC_F_USED) == wrap
+
+    def resume_point(self) -> int:
+        """Where the device stands, read from the ring alone.
+
+        The device writes used descriptors in order and sets their USED bit to
+        the lap's wrap counter; a driver reposting one writes USED as the
+        inverse of the new lap's counter, which is the same value. So, chain by
+        chain, USED equals the current wrap counter up to the device's position
+        and the previous one after it. Exact for rings of one-descriptor
+        chains (Linux posts indirect tables, or pushes the header); what a
+        driver made of longer chains can only be guessed.
+        """
+        size = self.size
+        first = bool(self._flags(0) & DESC_F_USED)
+        for idx in range(1, size):
+            if bool(self._flags(idx) & DESC_F_USED) != first:
+                return idx | (WRAP if first else 0)
+        return 0 if first else WRAP
 
     # -- the driver's side -------------------------------------------------
 
