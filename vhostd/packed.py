@@ -253,10 +253,10 @@ class PackedQueue:
         vhostd it sends the base it last knew, often the very first one.
         """
         self.refresh()
-        if self._used_here(self.last_used):
+        if self._passed(self.last_used):
             found = self.resume_point()
             log.warning(
-                "vring %d: packed base %#x was already used; resuming at %#x, where the ring is",
+                "vring %d: packed base %#x was already passed; resuming at %#x, where the ring is",
                 self.index,
                 self.last_used,
                 found,
@@ -266,11 +266,15 @@ class PackedQueue:
         self.signalled_valid = False
         return self.last_used
 
-    def _used_here(self, pos: int) -> bool:
-        """The descriptor at ``pos`` is one the device used in ``pos``'s own lap."""
-        flags = self._flags(pos)
-        wrap = bool(pos & WRAP)
-        return bool(flags & DESC_F_AVAIL) == wrap and bool(flags & DESC_F_USED) == wrap
+    def _passed(self, pos: int) -> bool:
+        """The ring is already past ``pos``: its USED bit says so (see resume_point).
+
+        Where the device stands, the descriptor is one the driver made
+        available in this lap, or what the lap before left: USED is the
+        inverse of the wrap counter. The device's own used descriptor of this
+        lap, or the driver's repost of it for the next, has USED equal to it.
+        """
+        return bool(self._flags(pos) & DESC_F_USED) == bool(pos & WRAP)
 
     def resume_point(self) -> int:
         """Where the device stands, read from the ring alone.
