@@ -188,8 +188,9 @@ async def test_packed_stale_base_resumes_where_the_ring_stands() -> None:
     """QEMU 7.2 after a back-end restart: SET_VRING_BASE says 0x8000, the rings are further on."""
     async with ports("reflect") as (_, (p0,)), Frontend.connect(p0.config.socket) as fe:
         await fe.net_setup(features=PACKED, queue_size=32)
-        fe.post_rx(0, 16)
+        fe.post_rx(0, 32)  # the whole RX ring: used buffers are reposted in the next lap
         await reflect_rounds(fe, 3, 5)  # 15 chains each way
+        assert ring(fe, 0).next_avail == 15  # index 15 of the next lap (wrap counter 0)
         await fe.stop()
         for q in (0, 1):
             await fe.start_ring(q, 0x8000)  # the first base again: both rings passed it
