@@ -198,3 +198,18 @@ async def test_packed_stale_base_resumes_where_the_ring_stands() -> None:
         await reflect_rounds(fe, 5, 5)  # 25 more: across the end of the rings
         assert await fe.get_vring_base(1) == advance(0x8000, 40, 32) * 0x10001
         assert not p0.stats.queue_faults
+
+
+@pytest.mark.parametrize("event_idx", [False, True], ids=["no_event_idx", "event_idx"])
+@pytest.mark.trio
+async def test_packed_rx_backlog_waits_for_buffers_and_keeps_order(event_idx: bool) -> None:
+    """More frames than posted RX buffers: the rest wait, then arrive in order as buffers come."""
+    features = PACKED | (VF.RING_EVENT_IDX if event_idx else 0)
+    async with ports("reflect") as (_, (p0,)), Frontend.connect(p0.config.socket) as fe:
+        await fe.net_setup(features=features, queue_size=16)
+        fe.post_rx(0, 3)
+        sent = [frame(i, 60 + 40 * i) for i in range(12)]
+        await fe.send_frames(1, sent)
+        got = await fe.recv_frames(0, count=12, timeout=5)  # refills as it collects
+        assert [g[12:] for g in got] == [f[12:] for f in sent]
+        assert p0.stats.queue(0).packets == 12 and p0.stats.queue(0).dropped == 0

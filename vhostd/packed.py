@@ -117,6 +117,7 @@ class PackedQueue:
         "_cursor",
         "_desc",
         "_desc16",
+        "_end",
         "_gen",
         "_used",
         "_used16",
@@ -178,6 +179,8 @@ class PackedQueue:
         self.counts: Any = ffi.new("uint16_t[]", size)
         """Ring descriptors of the chain walked at each position (shared with C)."""
         self._cursor = (-1, 0, 0)
+        self._end = (-1, 0, 0)
+        """(position, last_avail then, descriptors between): where avail_idx stopped."""
         """(last_avail it was for, nth chain, its position): head(n) goes on from there."""
         self.log: DirtyLog | None = None
         self.log_used = 0
@@ -300,16 +303,18 @@ class PackedQueue:
         flags: int = self._desc16[8 * (pos & 0x7FFF) + 7]
         return flags
 
-    def _scan(self) -> tuple[int, int]:
-        """(chains available from last_avail, the position after them).
+    def _scan(self, pos: int | None = None, seen: int = 0) -> tuple[int, int, int]:
+        """(chains available, the position after them, descriptors up to there).
 
-        Reads flags only, following NEXT; the walk reads every descriptor
-        again and is what counts. A chain that runs past the ring ends the
-        scan counted (its walk faults).
+        From last_avail, or from ``pos`` with ``seen`` descriptors already
+        counted before it. Reads flags only, following NEXT; the walk reads
+        every descriptor again and is what counts. A chain that runs past the
+        ring ends the scan counted (its walk faults).
         """
         size = self.size
-        pos = self.last_avail
-        n = seen = 0
+        if pos is None:
+            pos = self.last_avail
+        n = 0
         while seen < size:
             flags = self._flags(pos)
             if not is_avail(flags, pos):
@@ -318,16 +323,29 @@ class PackedQueue:
             while flags & DESC_F_NEXT and not flags & DESC_F_INDIRECT:
                 seen += 1
                 if seen >= size:
-                    return n, pos
+                    return n, pos, seen
                 pos = advance(pos, 1, size)
                 flags = self._flags(pos)
             seen += 1
             pos = advance(pos, 1, size)
-        return n, pos
+        return n, pos, seen
 
     def avail_idx(self) -> int:
-        """The position after the chains available now (what a stalled RX ring waits past)."""
-        return self._scan()[1]
+        """The position after the chains available now (what a stalled RX ring waits past).
+
+        Goes on from where the last call stopped, less what was taken since:
+        what a driver made available stays so until the device uses it, so a
+        backlog flushed frame by frame does not rescan the ring per frame.
+        """
+        end, base, gap = self._end
+        size = self.size
+        taken = (linear(self.last_avail, size) - linear(base, size)) % (2 * size)
+        if end < 0 or taken > gap:
+            _, after, seen = self._scan()
+        else:
+            _, after, seen = self._scan(end, gap - taken)
+        self._end = (after, self.last_avail, seen)
+        return after
 
     def available(self) -> int:
         """How many chains the driver has made available and we have not taken."""
@@ -515,7 +533,7 @@ class PackedQueue:
             self._used16[1] = EVENT_ENABLE
         self._log_event()
         fence()
-        n, after = self._scan()
+        n, after, _ = self._scan()
         return n != 0 if seen is None else after != seen
 
     def suppress_kicks(self) -> None:
