@@ -164,6 +164,8 @@ class Misses:
                     queue.walk(queue.head(nth), vring.is_rx, views)
                 except IotlbMiss as ahead:
                     found.append(ahead)
+                    if queue.packed:
+                        break  # where a packed chain ends, only its whole walk tells
         except (IotlbError, QueueError, AccessError):
             pass  # whatever is wrong is reported when the queue gets there
         return found
