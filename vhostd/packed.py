@@ -330,6 +330,29 @@ class PackedQueue:
             pos = advance(pos, 1, size)
         return n, pos, seen
 
+    def chain_starts(self, limit: int) -> list[int]:
+        """Positions of up to ``limit`` available chains, from their flags alone.
+
+        For the IOTLB look-ahead, which must find chains past one it cannot
+        translate (``head`` knows a chain's end only once it was walked).
+        """
+        size = self.size
+        pos = self.last_avail
+        out: list[int] = []
+        seen = 0
+        while seen < size and len(out) < limit:
+            flags = self._flags(pos)
+            if not is_avail(flags, pos):
+                break
+            out.append(pos)
+            while flags & DESC_F_NEXT and not flags & DESC_F_INDIRECT and seen + 1 < size:
+                seen += 1
+                pos = advance(pos, 1, size)
+                flags = self._flags(pos)
+            seen += 1
+            pos = advance(pos, 1, size)
+        return out
+
     def avail_idx(self) -> int:
         """The position after the chains available now (what a stalled RX ring waits past).
 
