@@ -1,4 +1,6 @@
-/* The split ring walk (virtqueue.py's SplitQueue, check for check).
+/* The split ring walk (virtqueue.py's SplitQueue, check for check), and the
+ * ring primitives net.c uses: avail_count, head_at, walk and put hand a
+ * packed ring (q->packed) to packed.h's walker, so net.c has one loop.
  *
  * Every guest access of a walk goes through the translation cache; ring
  * pointers are local addresses Python took from GuestMemory.ring.
