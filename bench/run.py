@@ -13,7 +13,10 @@ at 64 and 1518 bytes; reflect/loopback at 64 bytes (front-end flowgen; vhostd
 ``--mode reflect``, net_vhost macswap); back-end to front-end at 64 and 1518
 bytes (vhostd ``--mode source --source-size N`` generates into the front-end's
 RX ring, net_vhost txonly ``--txpkts N``; the front-end runs rxonly and counts
-what it receives); mrg_rxbuf on and off; 1 and 2 queue pairs; port to port
+what it receives); mrg_rxbuf on and off; 1 and 2 queue pairs; sink, reflect
+and source at 64 and 1518 bytes once more on packed rings (virtio-user
+``packed_vq=1`` against both back-ends; a second table puts them beside the
+split ones); port to port
 through the switch at 64 bytes (one front-end testpmd with two virtio-user
 ports A and B on one lcore in ``mac`` mode: a first burst from each, then
 whatever one port receives goes out of the other, A's to B's MAC and B's to
@@ -48,7 +51,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +78,7 @@ class Case:
     queues: int = 1
     mrg_rxbuf: bool = True
     counted: str = "tx"  # which front-end counter is the throughput
+    packed: bool = False  # the front-end asks for packed rings (virtio-user packed_vq=1)
 
 
 CASES = (
@@ -83,6 +87,7 @@ CASES = (
     Case("txonly 64B -> sink, mrg off", "txonly", "sink", "rxonly", mrg_rxbuf=False),
     Case("txonly 64B -> sink, 2 qp", "txonly", "sink", "rxonly", queues=2),
     Case("reflect 64B (flowgen rx)", "flowgen", "reflect", "macswap", counted="rx"),
+    Case("reflect 1518B (flowgen rx)", "flowgen", "reflect", "macswap", size=1518, counted="rx"),
     Case("reflect 64B, mrg off", "flowgen", "reflect", "macswap", mrg_rxbuf=False, counted="rx"),
     Case("reflect 64B, 2 qp", "flowgen", "reflect", "macswap", queues=2, counted="rx"),
     Case("source 64B -> rxonly", "rxonly", "source", "txonly", counted="rx"),
@@ -91,6 +96,19 @@ CASES = (
     Case("source 64B, 2 qp", "rxonly", "source", "txonly", queues=2, counted="rx"),
     Case("switch 64B port <-> port", "mac", "switch", "io", counted="rx"),
 )
+PACKED_OF = (
+    "txonly 64B -> sink",
+    "txonly 1518B -> sink",
+    "reflect 64B (flowgen rx)",
+    "reflect 1518B (flowgen rx)",
+    "source 64B -> rxonly",
+    "source 1518B -> rxonly",
+)
+PACKED_CASES = tuple(
+    replace(c, name=f"{c.name}, packed", packed=True) for c in CASES if c.name in PACKED_OF
+)
+"""The same cases on packed rings: both back-ends, the same virtio-user with packed_vq=1."""
+ALL_CASES = CASES + PACKED_CASES
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 SWITCH_BURSTS = 7
 """Bursts of 32 each port injects in the switch case: under its 256-entry rings."""
@@ -160,7 +178,7 @@ def dpdk_backend(
 
 def frontend(workdir: Path, sock: Path, case: Case) -> Testpmd:
     return Testpmd(
-        [VirtioUser(sock, queues=case.queues, mrg_rxbuf=case.mrg_rxbuf)],
+        [VirtioUser(sock, queues=case.queues, mrg_rxbuf=case.mrg_rxbuf, packed_vq=case.packed)],
         workdir,
         forward_mode=case.frontend_mode,
         txpkts=case.size,
@@ -318,6 +336,34 @@ def print_table(results: list[Result]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def print_packed_table(results: list[Result]) -> None:
+    """Packed next to split: each packed case beside the split case it copies."""
+    by_name = {r.case.name: r for r in results}
+    head = ("case", "vhostd split", "vhostd packed", "DPDK split", "DPDK packed")
+    rows = [head]
+    for r in results:
+        split = by_name.get(r.case.name.removesuffix(", packed"))
+        if not r.case.packed or split is None:
+            continue
+        rows.append(
+            (
+                split.case.name,
+                summary([s.mpps for s in split.vhostd]),
+                summary([s.mpps for s in r.vhostd]),
+                summary([s.mpps for s in split.dpdk]),
+                summary([s.mpps for s in r.dpdk]),
+            )
+        )
+    if len(rows) == 1:
+        return
+    print("\n## packed vs split rings (Mpps, virtio-user packed_vq=1 against both back-ends)")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    for n, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)), flush=True)
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def iotlb_cases(quick: bool) -> None:
     from bench import iotlb_bench, iotlb_pps
 
@@ -362,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (1.0 if args.quick else 5.0)
     idle_seconds = args.idle_seconds or (2.0 if args.quick else 10.0)
-    exact = [c for c in CASES if c.name in args.case]
-    cases = exact or [c for c in CASES if not args.case or any(t in c.name for t in args.case)]
+    exact = [c for c in ALL_CASES if c.name in args.case]
+    cases = exact or [c for c in ALL_CASES if not args.case or any(t in c.name for t in args.case)]
     tcp_exact = [c for c in TCP_CASES if c.name in args.case]
     tcp_cases = tcp_exact or [
         c for c in TCP_CASES if not args.case or any(t in c.name for t in args.case)
@@ -391,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         if results:
             print()
             print_table(results)
+            print_packed_table(results)
         if tcp_cases:
             tcp_bench.report(tcp_cases, rounds, tcp_size, workdir)
         if not args.no_idle:

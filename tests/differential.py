@@ -23,9 +23,10 @@ from typing import Any
 from protocol import IotlbPerm, MemoryRegion
 from protocol.enums import VirtioFeature as VF
 from tests.offload_frames import csum_header, gso_header, tcp4, tcp6
-from tests.vusim import badrings
+from tests.vusim import badpacked, badrings
 from tests.vusim.dma import PhysicalDma
 from tests.vusim.guestram import PAGE, GuestRam
+from tests.vusim.packed import WRAP, PackedRing, PDesc
 from tests.vusim.rings import F_INDIRECT, F_NEXT, F_WRITE, Buffer, Desc, SplitRing
 from vhostd.dirtylog import DirtyLog, log_size
 from vhostd.fastpath import FastRxQueue, FastTxQueue, FrameBurst
@@ -35,7 +36,8 @@ from vhostd.memory import MemoryTable
 from vhostd.native import ffi
 from vhostd.net import QueueStats, RxQueue, TxQueue, max_tx_frame
 from vhostd.offload import OFFLOAD_FEATURES, PLAIN, VnetHeader
-from vhostd.virtqueue import QueueError, SplitQueue
+from vhostd.virtqueue import QueueError
+from vhostd.vqueue import Virtqueue, make_queue
 
 SZ = 512 << 10
 LAYOUT = [(0, SZ), (SZ, SZ), (3 * SZ, SZ)]  # two adjacent regions, then a gap
@@ -114,7 +116,7 @@ class FakeFrontend:
 @dataclass
 class Scenario:
     ram: GuestRam
-    ring: SplitRing
+    ring: SplitRing | PackedRing
     mem: GuestMemory
     table: MemoryTable
     frontend: FakeFrontend | None
@@ -136,8 +138,12 @@ class Scenario:
         self.ram.close()
 
 
-def build(seed: int, rx: bool, hostile: bool = False) -> Scenario:
-    """The scenario of ``seed``; ``hostile`` also scribbles over the rings afterwards."""
+def build(seed: int, rx: bool, hostile: bool = False, packed: bool = False) -> Scenario:
+    """The scenario of ``seed``; ``hostile`` also scribbles over the rings afterwards.
+
+    ``packed``: a packed ring of any size (not only powers of 2) that starts at
+    a random position and wrap counter, so chains cross its end.
+    """
     rng = random.Random(seed)
     ram = GuestRam(LAYOUT, one_fd=rng.random() < 0.5)
     table = MemoryTable(8)
@@ -148,8 +154,14 @@ def build(seed: int, rx: bool, hostile: bool = False) -> Scenario:
     iotlb = IoTlb() if rng.random() < 0.5 else None
     frontend = FakeFrontend(rng, iotlb, ram) if iotlb is not None else None
     dma = frontend if frontend is not None else PhysicalDma(ram)
-    size = rng.choice([8, 16, 64])
-    ring = SplitRing(ram, dma, size=size, event_idx=rng.random() < 0.5)  # type: ignore[arg-type]
+    ring: SplitRing | PackedRing
+    if packed:
+        size = rng.choice([5, 8, 16, 37, 64])
+        start = rng.randrange(size) | (WRAP if rng.random() < 0.5 else 0)
+        ring = PackedRing(ram, dma, size=size, event_idx=rng.random() < 0.5, start=start)  # type: ignore[arg-type]
+    else:
+        size = rng.choice([8, 16, 64])
+        ring = SplitRing(ram, dma, size=size, event_idx=rng.random() < 0.5)  # type: ignore[arg-type]
     features = int(VF.VERSION_1) if rng.random() < 0.7 else 0
     if rx and rng.random() < 0.6:
         features |= VF.NET_MRG_RXBUF
@@ -161,10 +173,15 @@ def build(seed: int, rx: bool, hostile: bool = False) -> Scenario:
     hdr_len = 12 if features else 10
     free = size
     bad_at = rng.randrange(size) if rng.random() < 0.35 else -1
+    if packed and bad_at > 0 and rng.random() < 0.3:
+        bad_at = 0  # an empty ring: room for a chain longer than the ring
     k = 0
     while free > 0 and k < size:
         if k == bad_at:
-            post_malicious(rng, ring, rx, frontend is not None)
+            if isinstance(ring, PackedRing):
+                post_malicious_packed(rng, ring, rx)
+            else:
+                post_malicious(rng, ring, rx, frontend is not None)
             break
         nbuf = rng.choice([1, 1, 1, 2, 3, 4])
         use_ind = (indirect and rng.random() < 0.3) or (not indirect and rng.random() < 0.03)
@@ -189,7 +206,10 @@ def build(seed: int, rx: bool, hostile: bool = False) -> Scenario:
         free -= need
         k += 1
     if hostile:
-        scribble(rng, ring, frontend)
+        if isinstance(ring, PackedRing):
+            scribble_packed(rng, ring, frontend)
+        else:
+            scribble(rng, ring, frontend)
     frames = [
         rng.randbytes(rng.choice([14, 60, 64, 200, 1500, 3000]))
         for _ in range(rng.randrange(1, 3 * size))
@@ -251,6 +271,36 @@ def scribble(rng: random.Random, ring: SplitRing, frontend: FakeFrontend | None)
             ring.write_avail_entry(rng.randrange(size), rng.randrange(size + 2))
         else:
             ring.set_avail_idx((ring.avail_idx + rng.randrange(-2, size + 3)) & 0xFFFF)
+
+
+def scribble_packed(rng: random.Random, ring: PackedRing, frontend: FakeFrontend | None) -> None:
+    """What a hostile driver does to a packed ring after posting: rewrite descriptors,
+    their flags (AVAIL/USED bits of either lap, NEXT, INDIRECT) and buffer ids."""
+    size = ring.size
+    if frontend is None:
+        targets = [*EDGES, ring.desc_gpa, ring.avail_gpa, ring.used_gpa]
+    else:
+        targets = [*EDGES, ring.desc_addr, ring.avail_addr, ring.used_addr]
+        targets += rng.sample(sorted(frontend.known), min(8, len(frontend.known)))
+    for _ in range(rng.randrange(1, 6)):
+        i = rng.randrange(size)
+        old = ring.read_desc(i)
+        roll = rng.random()
+        if roll < 0.5:
+            addr = rng.choice(targets) + rng.choice((0, 0, 1, 2, 16, 4090))
+            ring.write_desc(
+                i,
+                PDesc(
+                    addr & ((1 << 64) - 1),
+                    rng.choice(LENGTHS),
+                    rng.randrange(size + 2),
+                    (old.flags & 0x8080) | rng.randrange(8),
+                ),
+            )
+        elif roll < 0.8:
+            ring.write_flags(i, old.flags ^ rng.choice((0x80, 0x8000, 0x8080, 1, 4)))
+        else:
+            ring.write_desc(i, PDesc(old.addr, old.len, rng.randrange(0x10000), old.flags))
 
 
 def _offload_chain(rng: random.Random, ram: GuestRam, hdr_len: int, nbuf: int) -> list[Buffer]:
@@ -319,16 +369,40 @@ def post_malicious(rng: random.Random, ring: SplitRing, rx: bool, iommu: bool) -
         pass
 
 
-def queue_of(s: Scenario) -> SplitQueue:
+def post_malicious_packed(rng: random.Random, ring: PackedRing, rx: bool) -> None:
+    kinds: list[Callable[[], Any]] = [
+        lambda: badpacked.wrong_wrap(ring, rx),
+        lambda: badpacked.id_out_of_range(ring, rx),
+        lambda: badpacked.indirect_len0(ring, rx),
+        lambda: badpacked.indirect_len_unaligned(ring, rx),
+        lambda: badpacked.indirect_nested(ring, rx),
+        lambda: badpacked.indirect_with_next(ring, rx),
+        lambda: badpacked.wrong_direction(ring, rx),
+        lambda: badpacked.single(ring, 0x7777_0000_0000, 64, rx),
+        lambda: badpacked.single(ring, (1 << 64) - 8, 64, rx),
+        lambda: badpacked.single(ring, 2 * SZ - 32, 64, rx),  # into the gap
+        lambda: badpacked.single(ring, 0x100, 2 << 20, rx),  # too long
+        lambda: badpacked.indirect(ring, [PDesc(0x10, 64, 0, F_WRITE if rx else 0)], table_len=16),
+    ]
+    if ring.outstanding == 0 and rng.random() < 0.5:
+        kinds = [lambda: badpacked.chain_longer_than_ring(ring, rx)]
+    try:
+        rng.choice(kinds)()
+    except (MemoryError, RuntimeError, ValueError):
+        pass
+
+
+def queue_of(s: Scenario) -> Virtqueue:
     r = s.ring
-    q = SplitQueue(
+    q = make_queue(
+        isinstance(r, PackedRing),
         1,
         r.size,
         s.mem,
         desc_addr=r.desc_addr,
         avail_addr=r.avail_addr,
         used_addr=r.used_addr,
-        base=0,
+        base=r.start * 0x10001 if isinstance(r, PackedRing) else 0,
         event_idx=r.event_idx,
         indirect=s.indirect,
     )
@@ -450,7 +524,7 @@ def run_rx_batch(s: Scenario, cls: type[RxQueue], swap: bool, seed: int) -> dict
 
 
 def _result(
-    s: Scenario, q: SplitQueue, stats: QueueStats, events: list[Any], out: list[bytes]
+    s: Scenario, q: Virtqueue, stats: QueueStats, events: list[Any], out: list[bytes]
 ) -> dict[str, Any]:
     return {
         "events": events,
@@ -465,11 +539,11 @@ def _result(
 
 @functools.cache
 def differential(
-    seed: int, rx: bool, hostile: bool = False
+    seed: int, rx: bool, hostile: bool = False, packed: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     results = []
     for cls in (RxQueue, FastRxQueue) if rx else (TxQueue, FastTxQueue):
-        s = build(seed, rx, hostile)
+        s = build(seed, rx, hostile, packed)
         try:
             results.append(run_rx(s, cls) if rx else run_tx(s, cls))  # type: ignore[arg-type]
         finally:
@@ -488,11 +562,11 @@ def compare(ref: dict[str, Any], fast: dict[str, Any]) -> None:
 
 
 def differential_batch(
-    seed: int, swap: bool, hostile: bool = False
+    seed: int, swap: bool, hostile: bool = False, packed: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     results = []
     for cls in (RxQueue, FastRxQueue):
-        s = build(seed, True, hostile)
+        s = build(seed, True, hostile, packed)
         try:
             results.append(run_rx_batch(s, cls, swap, seed))
         finally:

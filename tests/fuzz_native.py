@@ -2,8 +2,9 @@
 
 ``python -m tests.fuzz_native --seconds 60`` runs seeds from ``--start`` on,
 each as a TX burst sequence, an RX delivery sequence and RX batches (plain
-and MAC-swapped), through the C path and the Python reference, on rings a
-hostile driver scribbled over (``tests.differential.scribble``), and stops at
+and MAC-swapped), on a split and on a packed ring, through the C path and
+the Python reference, on rings a hostile driver scribbled over
+(``tests.differential.scribble``/``scribble_packed``), and stops at
 the first divergence with the seed that shows it. Under the sanitizer build
 (``VHOSTD_SANITIZE=1``, see ``vhostd/native.py``) a memory error in C aborts
 the run. Seeds run in order, so a run is reproducible: only its length
@@ -29,6 +30,10 @@ def cases(seed: int) -> list[tuple[str, Callable[[], Pair]]]:
         ("rx", lambda: differential(seed, True, True)),
         ("rx-batch", lambda: differential_batch(seed, False, True)),
         ("rx-batch-swap", lambda: differential_batch(seed, True, True)),
+        ("packed-tx", lambda: differential(seed, False, True, True)),
+        ("packed-rx", lambda: differential(seed, True, True, True)),
+        ("packed-rx-batch", lambda: differential_batch(seed, False, True, True)),
+        ("packed-rx-batch-swap", lambda: differential_batch(seed, True, True, True)),
     ]
 
 

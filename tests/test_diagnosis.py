@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from protocol import VirtioFeature
 from tests.daemon import port_config, serving
-from tests.vusim.frontend import Frontend
+from tests.vusim.frontend import DEFAULT_NET_FEATURES, Frontend
 from tests.vusim.guestram import RamRegion
 from vhostd import diagnosis
 from vhostd.control import format_status, snapshot
@@ -135,10 +136,15 @@ def test_driver_ok_without_a_memory_table(tmp_sock_dir: Path) -> None:
     trio.run(main)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_private_memory_rings_never_move(
-    tmp_sock_dir: Path, caplog: pytest.LogCaptureFixture
+    tmp_sock_dir: Path, caplog: pytest.LogCaptureFixture, packed: bool
 ) -> None:
-    """share=off: the memory table names files the guest does not write; kicks come."""
+    """share=off: the memory table names files the guest does not write; kicks come.
+
+    A packed ring starts at index 0 in wrap 1 (base 0x8000): not a ring that moved."""
+    features = DEFAULT_NET_FEATURES | (VirtioFeature.RING_PACKED if packed else 0)
+    start = 0x8000 if packed else 0
     caplog.set_level(logging.INFO)
 
     async def main() -> None:
@@ -151,7 +157,7 @@ def test_private_memory_rings_never_move(
 
             fe.set_mem_table = private  # type: ignore[method-assign]
             try:
-                await fe.net_setup()
+                await fe.net_setup(features=features)
                 for q in (0, 1):
                     qemu_kick(fe, q)
                 await trio.sleep(0.5)
@@ -163,7 +169,7 @@ def test_private_memory_rings_never_move(
                 (p,) = snapshot(d)["ports"]
                 assert p["connected"] and "DRIVER_OK" in p["device_status_names"]
                 assert p["protocol_errors"] == {} and p["queue_faults"] == {}
-                assert [v["last_avail"] for v in p["vrings"][:2]] == [0, 0]
+                assert [v["last_avail"] for v in p["vrings"][:2]] == [start, start]
                 assert p["vrings"][0]["kicks"] >= 1
             finally:
                 for r in fake:
@@ -175,12 +181,14 @@ def test_private_memory_rings_never_move(
     trio.run(main)
 
 
-def test_shared_memory_and_an_idle_guest_are_quiet(tmp_sock_dir: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_shared_memory_and_an_idle_guest_are_quiet(tmp_sock_dir: Path, packed: bool) -> None:
     """No warning for a working guest, nor for one whose interface is down (no kicks)."""
+    features = DEFAULT_NET_FEATURES | (VirtioFeature.RING_PACKED if packed else 0)
 
     async def main() -> None:
         async with one_port(tmp_sock_dir / "vm.sock") as (d, fe):
-            await fe.net_setup()
+            await fe.net_setup(features=features)
             for q in (0, 1):
                 qemu_kick(fe, q)
             await trio.sleep(0.5)

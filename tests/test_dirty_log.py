@@ -27,24 +27,33 @@ VF = VirtioFeature
 F = FrontendRequest
 
 
-def features(mergeable: bool, event_idx: bool) -> int:
+def features(mergeable: bool, event_idx: bool, packed: bool = False) -> int:
     out = int(DEFAULT_NET_FEATURES | VF.RING_INDIRECT_DESC)
     if not mergeable:
         out &= ~VF.NET_MRG_RXBUF
     if event_idx:
         out |= VF.RING_EVENT_IDX
+    if packed:
+        out |= VF.RING_PACKED
     return out
 
 
+@pytest.mark.parametrize("layout", ["split", "packed"])
 @pytest.mark.parametrize("iommu", ["off", "on", "strict"])
 @pytest.mark.parametrize("event_idx", [False, True], ids=["no_event_idx", "event_idx"])
 @pytest.mark.parametrize("mergeable", [False, True], ids=["no_mrg", "mrg"])
 @pytest.mark.trio
 async def test_every_page_written_while_logging_is_logged(
-    mergeable: bool, event_idx: bool, iommu: str
+    mergeable: bool, event_idx: bool, iommu: str, layout: str
 ) -> None:
+    """Packed rings: used descriptors are written into the descriptor ring, and the
+    device event area takes the kick requests; both are logged."""
+    packed = layout == "packed"
     async with ports("reflect") as (_, (port,)), Frontend.connect(port.config.socket) as fe:
-        await fe.net_setup(iommu=iommu != "off", features=features(mergeable, event_idx))
+        await fe.net_setup(
+            iommu=iommu != "off", features=features(mergeable, event_idx, packed), queue_size=64
+        )
+        assert bool(fe.features & VF.RING_PACKED) == packed
         fe.strict_iommu = iommu == "strict"
         fe.post_rx(0, 64)
         await reflected(fe, 2)

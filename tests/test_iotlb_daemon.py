@@ -19,12 +19,13 @@ from protocol import (
     IotlbMsg,
     IotlbPerm,
     IotlbType,
+    VirtioFeature,
     encode_request,
 )
 from tests.probe import check_port_works, frame, ports, session, until
 from tests.vusim import badrings
 from tests.vusim.dma import IommuDma
-from tests.vusim.frontend import Frontend
+from tests.vusim.frontend import DEFAULT_NET_FEATURES, Frontend
 from tests.vusim.guestram import PAGE
 from tests.vusim.net import post_rx, recv_frames
 from tests.vusim.rings import F_WRITE
@@ -402,13 +403,17 @@ async def test_update_that_arrives_while_the_miss_is_being_sent_is_not_lost() ->
         assert p0.stats.iotlb_miss_time.count > 0
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @pytest.mark.trio
-async def test_a_queue_that_misses_asks_for_the_next_chains_pages_at_once() -> None:
-    """One MISS round trip per burst, not per packet: the next chains' pages go out together."""
+async def test_a_queue_that_misses_asks_for_the_next_chains_pages_at_once(packed: bool) -> None:
+    """One MISS round trip per burst, not per packet: the next chains' pages go out together
+    (packed rings: the chains past one that missed are found from their flags)."""
     async with ports("sink") as (_, (p0,)), Frontend.connect(p0.config.socket) as fe:
         fe.viommu.policy.mode = MissMode.DELAY
         fe.viommu.policy.delay = 0.05
-        await fe.net_setup(iommu=True)
+        layout = VirtioFeature.RING_PACKED if packed else 0
+        await fe.net_setup(iommu=True, features=DEFAULT_NET_FEATURES | layout)
+        assert bool(fe.features & VirtioFeature.RING_PACKED) == packed
         await fe.send_frames(1, [frame(0)], timeout=15)  # rings translated
         start = len(fe.viommu.log)
         n = 16

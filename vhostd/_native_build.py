@@ -1,7 +1,8 @@
 """Build script for vhostd's C core, compiled by cffi in API mode at install time.
 
 The C lives in ``vhostd/csrc``, one file per concept (``tcache.c`` the
-translation cache, ``ring.c`` the split ring walk, ``net.c`` TX bursts and RX
+translation cache, ``ring.c`` the split ring walk, ``packed.c`` the packed
+ring walk, ``net.c`` TX bursts and RX
 delivery, ``guard.c`` the SIGBUS guard over guest memory); the headers in
 ``HEADERS`` say what Python may call, and their parts between the
 ``cffi:begin``/``cffi:end`` markers are the cffi declaration as well, so the
@@ -28,8 +29,8 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = Path("vhostd", "csrc")
 """Relative to the project root, where setuptools runs this (it refuses absolute paths)."""
-SOURCES = ("tcache.c", "ring.c", "net.c", "log.c", "guard.c")
-HEADERS = ("vhostd.h", "guard.h")
+SOURCES = ("tcache.c", "ring.c", "packed.c", "net.c", "log.c", "guard.c")
+HEADERS = ("vhostd.h", "guard.h", "packed.h")
 """The headers Python calls through: each one's cffi-marked part joins the cdef."""
 WARNINGS = ["-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wpointer-arith", "-Wvla"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]

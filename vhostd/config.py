@@ -78,6 +78,8 @@ class FeatureConfig:
     mtu: bool = True
     status: bool = True
     any_layout: bool = True
+    packed: bool = True
+    """RING_PACKED: VIRTIO 1.1 packed rings (QEMU packed=on, DPDK packed_vq=1)."""
     # Offloads (virtio-net header metadata). csum: the guest may hand over frames
     # with the checksum left to the device (CSUM); host_tso: and TCP super-frames
     # of up to 64 KiB (HOST_TSO4/6, needs csum); guest_csum / guest_tso: the

@@ -101,11 +101,13 @@ def ring_moved(vring: Vring) -> bool:
     if q is None or vring.failed is not None:
         return False
     queue = q.queue
-    if queue.last_avail:
+    # A split ring starts at index 0; a packed ring where its base put it.
+    start = queue.first_avail if queue.packed else 0
+    if queue.last_avail != start:
         return True
     if queue._gen is None or queue._gen != queue.mem.generation:
         return False
-    return queue.avail_idx() != 0
+    return queue.avail_idx() != start
 
 
 class Diagnosis:

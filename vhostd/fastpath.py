@@ -8,7 +8,8 @@ on random and malicious rings) and the single-door rule: C touches guest
 memory only inside ranges that :meth:`GuestMemory.extent` returned, cached per
 queue and dropped whenever the memory generation moves.
 
-The ring indices stay in :class:`SplitQueue`: each C call gets a copy and
+The ring indices stay in the queue (``vqueue.Virtqueue``, split or packed):
+each C call gets a copy and
 hands it back, so ``publish``/``needs_interrupt``/``want_kicks`` and the
 Python reference (which takes over for the rare chain C declines) see one
 state. ``VHOSTD_FASTPATH=0`` in the environment selects the pure-Python path.
@@ -28,7 +29,9 @@ from .memory import local_address
 from .native import ffi, lib
 from .net import BURST, Frame, QueueStats, Sink
 from .offload import PLAIN, BadHeader, VnetHeader, check_tx
-from .virtqueue import QueueError, QueueFault, SplitQueue
+from .packed import PackedQueue
+from .virtqueue import QueueError, QueueFault
+from .vqueue import Virtqueue
 
 __all__ = ["ENABLED", "FastRxQueue", "FastTxQueue", "FrameBurst", "RxQueue", "TxQueue"]
 
@@ -64,15 +67,17 @@ _FAULTS = (
     QueueFault.DIRECTION,
     QueueFault.TOO_LONG,
     QueueFault.RX_SMALL,
+    QueueFault.WRAP,
+    QueueFault.ID_RANGE,
 )
 
 
 class _Ring:
-    """What C needs of one SplitQueue: ring pointers, translation cache, work areas."""
+    """What C needs of one queue: ring pointers, translation cache, work areas."""
 
     __slots__ = ("_gen", "_keep", "_log", "cache", "heads", "pieces", "queue", "scratch", "vq")
 
-    def __init__(self, queue: SplitQueue, scratch: int = 0, heads: int = MAX_HEADS) -> None:
+    def __init__(self, queue: Virtqueue, scratch: int = 0, heads: int = MAX_HEADS) -> None:
         self.queue = queue
         vq = self.vq = ffi.new("struct vhostd_vq *")
         self.cache = ffi.new("struct vhostd_tcache *")
@@ -85,6 +90,10 @@ class _Ring:
         vq.pieces, vq.max_pieces = self.pieces, MAX_PIECES
         vq.heads, vq.max_heads = self.heads, heads
         vq.scratch, vq.scratch_len = self.scratch, scratch
+        if isinstance(queue, PackedQueue):
+            # The walk records ids and counts where packed.py's reference reads them.
+            vq.packed = 1
+            vq.p_ids, vq.p_counts = queue.ids, queue.counts
         self._gen: object = None
         self._log: object = None
         self._keep: tuple[Any, ...] = ()
@@ -149,6 +158,11 @@ class _Ring:
             QueueFault.RX_SMALL: (
                 f"head {head}: buffer of {value} bytes cannot hold the {limit}-byte header"
             ),
+            QueueFault.WRAP: (
+                f"chain at {head}: descriptor {value & 0x7FFF} not available "
+                f"in wrap {value >> 15} (flags {limit:#x})"
+            ),
+            QueueFault.ID_RANGE: f"buffer id {value} >= queue size {limit}",
         }[fault]
         return QueueError(fault, detail)
 
@@ -231,7 +245,7 @@ class FastTxQueue(net.TxQueue):
     __slots__ = ("_done", "_frames", "_nframes", "_ring")
 
     def __init__(
-        self, queue: SplitQueue, features: int, max_frame: int, stats: QueueStats | None = None
+        self, queue: Virtqueue, features: int, max_frame: int, stats: QueueStats | None = None
     ) -> None:
         super().__init__(queue, features, max_frame, stats)
         # Heads for a whole burst: none goes back before the burst ends, so at most the ring.
@@ -366,7 +380,7 @@ class FastRxQueue(net.RxQueue):
 
     def __init__(
         self,
-        queue: SplitQueue,
+        queue: Virtqueue,
         features: int,
         stats: QueueStats | None = None,
         backlog_limit: int = 512,

@@ -13,7 +13,7 @@ chains and drops its views before the first MISS goes out.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -22,6 +22,7 @@ from protocol import IotlbPerm, IotlbType
 
 from .guestmem import AccessError, GuestMemory
 from .iotlb import IotlbError, IotlbMiss, PendingMisses
+from .packed import PackedQueue
 from .virtqueue import QueueError
 
 if TYPE_CHECKING:
@@ -158,10 +159,14 @@ class Misses:
         views: list[memoryview] = []
         try:
             queue.refresh()
-            for nth in range(min(queue.available(), MISS_LOOKAHEAD)):
+            if isinstance(queue, PackedQueue):
+                heads: Iterable[int] = queue.chain_starts(MISS_LOOKAHEAD)
+            else:
+                heads = (queue.head(n) for n in range(min(queue.available(), MISS_LOOKAHEAD)))
+            for head in heads:
                 views.clear()
                 try:
-                    queue.walk(queue.head(nth), vring.is_rx, views)
+                    queue.walk(head, vring.is_rx, views)
                 except IotlbMiss as ahead:
                     found.append(ahead)
         except (IotlbError, QueueError, AccessError):

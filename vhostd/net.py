@@ -1,4 +1,4 @@
-"""virtio-net on top of split queues: headers, TX bursts and RX delivery.
+"""virtio-net on top of virtqueues (split or packed): headers, TX bursts and RX delivery.
 
 The ring walker knows nothing of packets; this module knows nothing of
 sockets. A TX burst turns available chains into frames handed, while their
@@ -13,11 +13,15 @@ import struct
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from protocol.enums import VirtioFeature as VF
 
 from .offload import MAX_OFFLOAD_FRAME, PLAIN, BadHeader, VnetHeader, check_tx
-from .virtqueue import QueueError, QueueFault, SplitQueue
+from .virtqueue import QueueError, QueueFault
+
+if TYPE_CHECKING:
+    from .vqueue import Virtqueue
 
 ETH_HLEN = 14
 MIN_FRAME = ETH_HLEN
@@ -47,6 +51,7 @@ BASE_FEATURES = (
     | VF.NET_MQ
     | VF.NET_CTRL_VQ
     | VF.IN_ORDER
+    | VF.RING_PACKED
     | VF.PROTOCOL_FEATURES
     | VF.LOG_ALL
     | VF.NET_GUEST_ANNOUNCE
@@ -117,7 +122,7 @@ class TxQueue:
     __slots__ = ("features", "hdr_len", "max_frame", "queue", "stats")
 
     def __init__(
-        self, queue: SplitQueue, features: int, max_frame: int, stats: QueueStats | None = None
+        self, queue: Virtqueue, features: int, max_frame: int, stats: QueueStats | None = None
     ) -> None:
         self.queue = queue
         self.features = features
@@ -233,7 +238,7 @@ class RxQueue:
 
     def __init__(
         self,
-        queue: SplitQueue,
+        queue: Virtqueue,
         features: int,
         stats: QueueStats | None = None,
         backlog_limit: int = 512,

@@ -54,6 +54,7 @@ _FEATURE_SWITCHES: tuple[tuple[str, int], ...] = (
     ("mtu", VF.NET_MTU),
     ("status", VF.NET_STATUS),
     ("any_layout", VF.ANY_LAYOUT),
+    ("packed", VF.RING_PACKED),
     ("csum", VF.NET_CSUM | VF.NET_HOST_TSO4 | VF.NET_HOST_TSO6 | VF.NET_HOST_ECN),
     ("host_tso", VF.NET_HOST_TSO4 | VF.NET_HOST_TSO6 | VF.NET_HOST_ECN),
     ("guest_csum", VF.NET_GUEST_CSUM | VF.NET_GUEST_TSO4 | VF.NET_GUEST_TSO6 | VF.NET_GUEST_ECN),

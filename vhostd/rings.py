@@ -26,12 +26,12 @@ if TYPE_CHECKING:
     from .net import Sink
     from .port import Port
     from .source import SourceRing
-    from .virtqueue import SplitQueue
+    from .vqueue import Virtqueue
 
 T = TypeVar("T")
 
 
-def interrupt(vring: Vring, queue: SplitQueue) -> None:
+def interrupt(vring: Vring, queue: Virtqueue) -> None:
     """Signal the guest through the call fd, unless the driver suppressed it."""
     q = vring.tx or vring.rx
     assert q is not None
@@ -42,7 +42,7 @@ def interrupt(vring: Vring, queue: SplitQueue) -> None:
         q.stats.suppressed += 1
 
 
-def publish(vring: Vring, queue: SplitQueue) -> None:
+def publish(vring: Vring, queue: Virtqueue) -> None:
     """Make what was put on ``queue`` visible, then interrupt as the driver asked."""
     queue.publish()
     if queue.published:

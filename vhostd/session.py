@@ -46,6 +46,7 @@ from protocol import (
     encode_reply,
 )
 
+from . import packed
 from .channel import BackendChannel, Channel, close_fds
 from .diagnosis import Diagnosis
 from .dirtylog import DirtyLog
@@ -61,7 +62,8 @@ from .misses import Misses
 from .net import max_tx_frame
 from .offload import PLAIN, Action, VnetHeader, for_receiver
 from .rings import RingLoop, interrupt
-from .virtqueue import MAX_QUEUE_SIZE, QueueError, SplitQueue, ring_sizes
+from .virtqueue import MAX_QUEUE_SIZE, QueueError, ring_sizes
+from .vqueue import make_queue
 from .vring import Vring, close_fd, signal
 
 if TYPE_CHECKING:
@@ -451,7 +453,10 @@ class Session:
 
     def _set_vring_num(self, msg: Message) -> None:
         vring, num = self._stopped_vring(msg)
-        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
+        if self.features & VF.RING_PACKED:
+            if not packed.valid_size(num):
+                raise RequestFailed("bad_vring_num", f"packed vring size {num} is not 1..32768")
+        elif not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
             raise RequestFailed("bad_vring_num", f"vring size {num} is not a power of 2 <= 32768")
         vring.size = num
 
@@ -470,7 +475,11 @@ class Session:
                 raise RequestFailed(
                     "bad_vring_addr", f"vring {vring.index} addresses before the memory table"
                 )
-            sizes = ring_sizes(vring.size, bool(self.features & VF.RING_EVENT_IDX))
+            sizes = (
+                packed.ring_sizes(vring.size)
+                if self.features & VF.RING_PACKED
+                else ring_sizes(vring.size, bool(self.features & VF.RING_EVENT_IDX))
+            )
             for name, addr, size in zip(
                 ("desc", "avail", "used"),
                 (payload.desc, payload.avail, payload.used),
@@ -488,9 +497,11 @@ class Session:
                     f"vring {vring.index} log_guest_addr {payload.log:#x}+{sizes[2]:#x} "
                     "is not inside one region",
                 )
+        # Packed rings: avail/used are the driver/device event areas (4 bytes each).
+        event_align = 4 if self.features & VF.RING_PACKED else 2
         for name, addr, align in (
             ("desc", payload.desc, 16),
-            ("avail", payload.avail, 2),
+            ("avail", payload.avail, event_align),
             ("used", payload.used, 4),
         ):
             if addr % align:
@@ -502,7 +513,8 @@ class Session:
 
     def _set_vring_base(self, msg: Message) -> None:
         vring, num = self._stopped_vring(msg)
-        vring.base = num & 0xFFFF
+        # Packed rings: avail index and wrap in bits 0-15, used index and wrap in 16-31.
+        vring.base = num & (0xFFFFFFFF if self.features & VF.RING_PACKED else 0xFFFF)
 
     def _get_vring_base(self, msg: Message) -> VringState:
         payload = msg.payload
@@ -633,7 +645,8 @@ class Session:
             log.warning("%s: vring %d kicked before its size and addresses", self.name, vring.index)
             return
         features = self.features
-        queue = SplitQueue(
+        queue = make_queue(
+            bool(features & VF.RING_PACKED),
             vring.index,
             vring.size,
             self.mem,

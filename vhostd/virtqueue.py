@@ -62,6 +62,10 @@ class QueueFault(StrEnum):
     DENIED = "access_denied"
     RING_UNMAPPED = "ring_unmapped"
     RING_MISALIGNED = "ring_misaligned"
+    WRAP = "wrong_wrap_bits"
+    """Packed: a descriptor of a chain is not available in the wrap of its position."""
+    ID_RANGE = "buffer_id_out_of_range"
+    """Packed: a chain's buffer id is not below the queue size."""
 
 
 class QueueError(Exception):
@@ -81,6 +85,8 @@ def ring_sizes(size: int, event_idx: bool) -> tuple[int, int, int]:
 class SplitQueue:
     """One started split ring: its addresses, indices and cached views."""
 
+    packed = False
+
     __slots__ = (
         "_avail",
         "_desc",
@@ -90,6 +96,7 @@ class SplitQueue:
         "avail_addr",
         "desc_addr",
         "event_idx",
+        "first_avail",
         "index",
         "indirect",
         "last_avail",
@@ -127,7 +134,7 @@ class SplitQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.max_chain_bytes = max_chain_bytes
-        self.last_avail = base & 0xFFFF
+        self.last_avail = self.first_avail = base & 0xFFFF
         self.last_used = base & 0xFFFF
         self.signalled_used = 0
         self.signalled_valid = False
@@ -137,6 +144,11 @@ class SplitQueue:
         """The used ring's guest-physical address (for the log), found at refresh."""
         self._gen: tuple[int, int, int] | None = None
         self._desc = self._avail = self._used = self._used16 = memoryview(b"")
+
+    @property
+    def base(self) -> int:
+        """What GET_VRING_BASE reports: where the driver should resume."""
+        return self.last_avail
 
     # -- rings -------------------------------------------------------------
 

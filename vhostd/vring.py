@@ -90,7 +90,7 @@ class Vring:
     def next_avail(self) -> int:
         """What GET_VRING_BASE reports: where the driver should resume."""
         q = self.tx or self.rx
-        return q.queue.last_avail if q is not None else self.base
+        return q.queue.base if q is not None else self.base
 
     def stop(self) -> None:
         """Cancel the ring's task and forget the data-path objects."""

@@ -45,6 +45,7 @@ from .channel import Channel, ChannelClosed
 from .dirtylog import DirtyBitmap
 from .dma import Dma, IommuDma, PhysicalDma
 from .guestram import GuestRam, RamRegion
+from .packed import PackedRing
 from .rings import Completion, SplitRing
 from .viommu import Direction, MissMode, VIommu
 
@@ -99,7 +100,7 @@ def default_ram() -> GuestRam:
 class Vring:
     """Per-queue front-end state: the ring in guest RAM and its eventfds."""
 
-    ring: SplitRing
+    ring: SplitRing | PackedRing
     kick: int
     call: int
     err: int
@@ -353,7 +354,7 @@ class Frontend:
         await self.send(F.SET_VRING_BASE, VringState(q, base))
 
     async def set_vring_addr(
-        self, q: int, ring: SplitRing | None = None, flags: int = 0, log: int = 0
+        self, q: int, ring: SplitRing | PackedRing | None = None, flags: int = 0, log: int = 0
     ) -> None:
         ring = ring or self.vrings[q].ring
         addr = VringAddr(q, flags, ring.desc_addr, ring.used_addr, ring.avail_addr, log)
@@ -517,21 +518,35 @@ class Frontend:
             return False
 
     # -- the whole QEMU-like setup -----------------------------------------
-    def add_ring(self, q: int, size: int = 256) -> Vring:
-        """Lay out queue ``q`` in guest RAM (call after SET_FEATURES: IOVAs need the dma)."""
-        ring = SplitRing(
-            self.ram,
-            self.dma,
-            size,
-            event_idx=bool(self.features & VirtioFeature.RING_EVENT_IDX),
-        )
+    def add_ring(self, q: int, size: int = 256, *, start: int | None = None) -> Vring:
+        """Lay out queue ``q`` in guest RAM (call after SET_FEATURES: IOVAs need the dma).
+
+        A packed ring (RING_PACKED negotiated) may ``start`` at any position
+        (index | wrap << 15), as a ring that already went round.
+        """
+        event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
+        ring: SplitRing | PackedRing
+        if self.features & VirtioFeature.RING_PACKED:
+            ring = PackedRing(
+                self.ram,
+                self.dma,
+                size,
+                event_idx=event_idx,
+                start=0x8000 if start is None else start,
+            )
+        else:
+            ring = SplitRing(self.ram, self.dma, size, event_idx=event_idx)
         vring = Vring(ring, self._eventfd(), self._eventfd(), self._eventfd())
         self.vrings[q] = vring
         return vring
 
-    async def start_ring(self, q: int, base: int = 0) -> None:
+    async def start_ring(self, q: int, base: int | None = None) -> None:
+        """Size, base (default: where the ring stands), addresses and eventfds of ``q``."""
         vring = self.vrings[q]
-        await self.set_vring_num(q, vring.ring.size)
+        ring = vring.ring
+        await self.set_vring_num(q, ring.size)
+        if base is None:
+            base = ring.base if isinstance(ring, PackedRing) else 0
         await self.set_vring_base(q, base)
         await self.set_vring_addr(q)
         await self.set_vring_kick(q, vring.kick)

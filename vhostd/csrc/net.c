@@ -1,4 +1,5 @@
-/* virtio-net over split rings: TX bursts and RX delivery (net.py, check for check). */
+/* virtio-net over split and packed rings: TX bursts and RX delivery (net.py,
+   check for check); the ring primitives of ring.h pick the layout. */
 #include "ring.h"
 
 #define MIN_FRAME 14
@@ -29,8 +30,11 @@ int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t skip,
         uint32_t head, np = 0, first_len;
         uint64_t total;
         int64_t size;
-        if ((rc = vhostd_head_at(q, skip + done, &head)))
+        if ((rc = vhostd_head_at(q, skip + done, &head))) {
+            if (rc == VHOSTD_NOBUF)
+                rc = VHOSTD_DONE;                 /* packed: no more chains */
             break;
+        }
         if ((rc = vhostd_walk(q, c, head, 0, &np, &total, &first_len)))
             break;
         size = (int64_t)total - (int64_t)hdr_len;
@@ -110,6 +114,11 @@ void vhostd_tx_complete(struct vhostd_vq *q, uint32_t n)
         n = q->max_heads;
     if (!n)
         return;
+    if (q->packed) {
+        for (k = 0; k < n; k++)
+            vhostd_packed_put(q, q->heads[k].id, 0);
+        return;
+    }
     first = slot = q->last_used % q->size;
     for (k = 0; k < n; k++) {
         uint32_t elem[2] = {q->heads[k].id, 0};

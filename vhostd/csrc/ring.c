@@ -10,9 +10,11 @@ int vhostd_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int
     const uint8_t *table = q->desc;
     uint32_t limit = q->size, i = head, seen = 0, want = writable ? DESC_F_WRITE : 0;
     uint32_t perm = writable ? 2 : 1;
-    int nested = 0;
+    int nested = 0, rc;
     uint64_t total = 0;
     struct vhostd_desc d;
+    if (q->packed)
+        return vhostd_packed_walk(q, c, head, writable, np, total_out, first_len);
     *first_len = 0;
     for (;;) {
         memcpy(&d, table + 16 * (size_t)i, 16);
@@ -43,32 +45,8 @@ int vhostd_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int
             return vhostd_fault(q, F_LOOP, head, 0, limit);
         if ((d.flags & DESC_F_WRITE) != want)
             return vhostd_fault(q, F_DIRECTION, head, (uint64_t)writable, 0);
-        if (d.len) {
-            uint64_t a = d.addr, rem = d.len;
-            total += d.len;
-            if (total > q->max_chain_bytes)
-                return vhostd_fault(q, F_TOO_LONG, head, total, 0);
-            if (a + rem < a && a + rem != 0)
-                return VHOSTD_SLOW;                /* past 2**64 */
-            if (*first_len == 0)
-                *first_len = d.len;
-            while (rem) {
-                uint64_t room1, n;
-                const struct vhostd_range *s = vhostd_tc_find(c, a, perm);
-                if (!s)
-                    return vhostd_need(q, a, perm);
-                if (*np >= q->max_pieces)
-                    return VHOSTD_SLOW;
-                room1 = s->last - a;               /* bytes left in the range, minus one */
-                n = rem - 1 <= room1 ? rem : room1 + 1;
-                q->pieces[*np].ptr = vhostd_tc_host(s, a);
-                q->pieces[*np].len = (uint32_t)n;
-                q->pieces[*np].gpa = s->gpa + (a - s->start);
-                (*np)++;
-                a += n;
-                rem -= n;
-            }
-        }
+        if ((rc = vhostd_add_desc(q, c, head, d.addr, d.len, perm, np, &total, first_len)))
+            return rc;
         if (!(d.flags & DESC_F_NEXT)) {
             *total_out = total;
             return VHOSTD_DONE;

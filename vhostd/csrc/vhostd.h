@@ -43,9 +43,15 @@ struct vhostd_log {
     uint64_t overflow;   /* writes to pages past the bitmap, not logged */
 };
 
-/* One split ring for the duration of a call: Python owns the indices and
-   copies them in and out around every call. With log set, every write to
-   guest memory is logged; the used ring lives at guest-physical log_used. */
+/* One ring for the duration of a call: Python owns the indices and copies
+   them in and out around every call. With log set, every write to guest
+   memory is logged; the used ring lives at guest-physical log_used.
+   packed (packed.h): desc is the descriptor ring, avail/used the driver and
+   device event areas, log_used the descriptor ring's guest-physical address;
+   last_avail/last_used are positions (bits 0-14 index, bit 15 wrap counter);
+   p_ids/p_counts (size entries, shared with packed.py) hold each walked
+   chain's buffer id and ring descriptor count by head position, and the
+   p_cur_* cursor where the nth chain after p_cur_base starts. */
 struct vhostd_vq {
     uint8_t *desc;
     uint8_t *avail;
@@ -74,6 +80,12 @@ struct vhostd_vq {
     uint64_t scratch_len;
     struct vhostd_log *log;
     uint64_t log_used;
+    uint32_t packed;
+    uint16_t *p_ids;
+    uint16_t *p_counts;
+    uint32_t p_cur_nth;
+    uint16_t p_cur_base;
+    uint16_t p_cur_pos;
 };
 
 /* The translation cache: ranges GuestMemory.extent returned (tcache.h). */
