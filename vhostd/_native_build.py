@@ -28,7 +28,7 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = Path("vhostd", "csrc")
 """Relative to the project root, where setuptools runs this (it refuses absolute paths)."""
-SOURCES = ("tcache.c", "ring.c", "net.c", "log.c", "guard.c")
+SOURCES = ("tcache.c", "ring.c", "net.c", "switch.c", "log.c", "guard.c")
 HEADERS = ("vhostd.h", "guard.h")
 """The headers Python calls through: each one's cffi-marked part joins the cdef."""
 WARNINGS = ["-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wpointer-arith", "-Wvla"]
