@@ -424,11 +424,12 @@ class FastRxQueue(net.RxQueue):
             return False
 
     def switch_done(self, crx: Any) -> bool:
-        """Take back what a C switch burst did to the ring; True if it used buffers."""
+        """Take back what a C switch burst did to the ring; True if it took frames
+        (delivered or dropped: ``deliver`` returned True, the session publishes)."""
         vq, q = self._ring.vq, self.queue
-        moved: bool = vq.last_used != q.last_used
         q.last_avail, q.last_used = vq.last_avail, vq.last_used
-        if vq.packets or vq.dropped:
+        took = bool(vq.packets or vq.dropped)
+        if took:
             stats = self.stats
             stats.packets += vq.packets
             stats.bytes += vq.bytes
@@ -438,7 +439,7 @@ class FastRxQueue(net.RxQueue):
                 stats.gso_packets += crx.gso_packets
                 stats.csum_partial += crx.csum_partial
                 crx.gso_packets = crx.csum_partial = 0
-        return moved
+        return took
 
     def deliver(self, frame: Frame, hdr: VnetHeader = PLAIN) -> bool:
         q = self.queue
