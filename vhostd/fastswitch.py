@@ -177,6 +177,12 @@ class FastSwitch(Switch):
         """
         hdrs = burst.hdrs
         n = len(burst)
+        if n > MAX_BURST:  # the per-frame arrays hold MAX_BURST: switch it in parts, in order
+            for at in range(0, n, MAX_BURST):
+                part = FrameBurst(burst.frames + at, min(MAX_BURST, n - at))
+                part.hdrs = None if hdrs is None else hdrs[at : at + MAX_BURST]
+                self.forward_burst(src, part)
+            return
         if not n:
             return
         c, dst = self._c, self._dst
