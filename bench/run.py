@@ -26,6 +26,14 @@ in-process with the simulator since virtio-user cannot negotiate
 ACCESS_PLATFORM), and the dirty log's cost (logging on vs off, in-process:
 virtio-user never starts logging).
 
+In the reflect and switch cases vhostd also runs an idle third port and a
+metrics endpoint, and ``bench/control_probe.py`` times the control plane
+throughout the window: ``vhostd status``, ``GET /metrics`` and a new
+front-end's first answer (GET_FEATURES on the idle port), printed as
+median/p99/worst; each round also prints each port's kicks, TX bursts (and
+frames per burst) and interrupts per second, from ``vhostd status`` at both
+ends of the window.
+
 The load average is printed before and after: on a shared 2-core machine the
 numbers mean something only relative to each other within one run.
 
@@ -37,6 +45,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -49,13 +58,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.control_probe import (  # noqa: E402
+    ControlProbe,
+    Latencies,
+    RingRates,
+    ring_counters,
+    spread,
+)
 from tests.daemon import VhostdProcess  # noqa: E402
 from tests.lab.dpdk import Testpmd, VhostBackend, VirtioUser  # noqa: E402
+from vhostd.control import fetch  # noqa: E402
 
 FRONTEND_LCORES = "0@(0,1),1@1"
 BACKEND_LCORES = "0@(0,1),1@0"
 BACKEND_CPU = "0"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROBED = ("reflect", "switch")
+"""vhostd modes whose windows also time the control plane (``control_probe``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +113,8 @@ SWITCH_BURSTS = 7
 class Sample:
     mpps: float
     cpu_s_per_mpkt: float | None = None  # the back-end's CPU per million packets
+    rates: list[RingRates] = field(default_factory=list)
+    """vhostd only: kicks, bursts, interrupts per second of each port over the window."""
 
 
 @dataclass(slots=True)
@@ -101,6 +122,24 @@ class Result:
     case: Case
     vhostd: list[Sample] = field(default_factory=list)
     dpdk: list[Sample] = field(default_factory=list)
+    control: Latencies = field(default_factory=Latencies)
+    """vhostd's control-plane answer times during the windows (``PROBED`` modes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Where to ask a running vhostd: control socket, metrics URL, an idle port's socket."""
+
+    control: Path
+    metrics_url: str
+    idle_port: Path
+
+    @classmethod
+    def under(cls, workdir: Path) -> Probe:
+        with socket.socket() as s:  # a free loopback port for the metrics endpoint
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return cls(workdir / "ctl.sock", f"http://127.0.0.1:{port}/metrics", workdir / "probe.sock")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -117,18 +156,28 @@ def loadavg() -> str:
 
 @contextmanager
 def vhostd_backend(
-    workdir: Path, sock: Path, mode: str, size: int = 64, more: Sequence[Path] = ()
+    workdir: Path,
+    sock: Path,
+    mode: str,
+    size: int = 64,
+    more: Sequence[Path] = (),
+    probe: Probe | None = None,
 ) -> Iterator[int]:
+    """vhostd on ``sock`` (and ``more``); with ``probe`` also a metrics endpoint and an
+    idle port for ``control_probe`` (the idle port is in ``mode`` too: no frames reach it)."""
     args = ["--socket", str(sock), "--mode", mode, "--control-socket", str(workdir / "ctl.sock")]
     for extra in more:
         args += ["--socket", str(extra)]
+    if probe is not None:
+        args += ["--socket", str(probe.idle_port)]
+        args += ["--metrics-listen", probe.metrics_url.split("/")[2]]
     args += ["--log-level", "warning"]
     if mode == "source":
         args += ["--source-size", str(size)]
     wrapper = ["taskset", "-c", BACKEND_CPU] if shutil.which("taskset") else []
     proc = VhostdProcess(args, workdir / "vhostd.log", wrapper=wrapper)
     with proc:
-        proc.start(wait_for=[sock, *more])
+        proc.start(wait_for=[sock, *more, *([probe.idle_port] if probe else [])])
         assert proc.proc is not None
         yield proc.proc.pid  # taskset execs: the PID is vhostd's
 
@@ -162,14 +211,41 @@ def frontend(workdir: Path, sock: Path, case: Case) -> Testpmd:
     )
 
 
-def measure(fe: Testpmd, backend_pid: int, case: Case, seconds: float) -> Sample:
+@contextmanager
+def window(
+    probe: Probe | None, latencies: Latencies | None, rates: list[RingRates]
+) -> Iterator[None]:
+    """A measuring window: with ``probe``, the control plane is asked throughout and the
+    ring counters are read at both ends (into ``latencies`` and ``rates``)."""
+    if probe is None:
+        yield
+        return
+    before, t0 = fetch(str(probe.control)), time.monotonic()
+    with ControlProbe(probe.control, probe.metrics_url, probe.idle_port) as asking:
+        yield
+    after, t1 = fetch(str(probe.control)), time.monotonic()
+    rates += ring_counters(before, after, t1 - t0)
+    if latencies is not None:
+        latencies.extend(asking.result)
+
+
+def measure(
+    fe: Testpmd,
+    backend_pid: int,
+    case: Case,
+    seconds: float,
+    probe: Probe | None = None,
+    latencies: Latencies | None = None,
+) -> Sample:
     """Forward for a warm-up, then count over ``seconds`` of steady state."""
     fe.wait_link_up()
     fe.start_forwarding()
     time.sleep(min(1.0, seconds / 2))
     fe.clear_stats()
+    rates: list[RingRates] = []
     cpu0, t0 = cpu_seconds(backend_pid), time.monotonic()
-    time.sleep(seconds)
+    with window(probe, latencies, rates):
+        time.sleep(seconds)
     stats = fe.port_stats()[0]
     cpu1, t1 = cpu_seconds(backend_pid), time.monotonic()
     fe.stop_forwarding()
@@ -177,7 +253,7 @@ def measure(fe: Testpmd, backend_pid: int, case: Case, seconds: float) -> Sample
         raise RuntimeError(f"testpmd died during {case.name}")
     packets = stats.tx_packets if case.counted == "tx" else stats.rx_packets
     mpkts = packets / 1e6
-    return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None)
+    return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None, rates)
 
 
 def switch_frontend(workdir: Path, sock_a: Path, sock_b: Path, case: Case) -> Testpmd:
@@ -204,31 +280,41 @@ def switch_frontend(workdir: Path, sock_a: Path, sock_b: Path, case: Case) -> Te
     )
 
 
-def measure_switch(fe: Testpmd, backend_pid: int, seconds: float) -> Sample:
+def measure_switch(
+    fe: Testpmd,
+    backend_pid: int,
+    seconds: float,
+    probe: Probe | None = None,
+    latencies: Latencies | None = None,
+) -> Sample:
     """Both ports' bursts circulate; what both received over ``seconds`` counts."""
     fe.wait_link_up(0)
     fe.wait_link_up(1)
     fe.command_output(f"start tx_first {SWITCH_BURSTS}")
     time.sleep(min(1.0, seconds / 2))
     fe.clear_stats()
+    rates: list[RingRates] = []
     cpu0, t0 = cpu_seconds(backend_pid), time.monotonic()
-    time.sleep(seconds)
+    with window(probe, latencies, rates):
+        time.sleep(seconds)
     stats = fe.port_stats()
     cpu1, t1 = cpu_seconds(backend_pid), time.monotonic()
     fe.stop_forwarding()
     if not fe.running():
         raise RuntimeError("testpmd died during the switch case")
     mpkts = (stats[0].rx_packets + stats[1].rx_packets) / 1e6
-    return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None)
+    return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None, rates)
 
 
 def run_switch_case(case: Case, workdir: Path, seconds: float, result: Result) -> None:
     a, b = workdir / "a.sock", workdir / "b.sock"
+    probe = Probe.under(workdir)
     with (
-        vhostd_backend(workdir, a, case.vhostd_mode, more=[b]) as pid,
+        vhostd_backend(workdir, a, case.vhostd_mode, more=[b], probe=probe) as pid,
         switch_frontend(workdir, a, b, case) as fe,
     ):
-        result.vhostd.append(measure_switch(fe, pid, seconds))
+        result.vhostd.append(measure_switch(fe, pid, seconds, probe, result.control))
+    probe.idle_port.unlink(missing_ok=True)
     a.unlink(missing_ok=True)
     b.unlink(missing_ok=True)
     with (
@@ -245,12 +331,15 @@ def run_case(case: Case, workdir: Path, seconds: float, result: Result) -> None:
         run_switch_case(case, workdir, seconds, result)
         return
     sock = workdir / "bench.sock"
+    probe = Probe.under(workdir) if case.vhostd_mode in PROBED else None
     with (
-        vhostd_backend(workdir, sock, case.vhostd_mode, case.size) as pid,
+        vhostd_backend(workdir, sock, case.vhostd_mode, case.size, probe=probe) as pid,
         frontend(workdir, sock, case) as fe,
     ):
-        result.vhostd.append(measure(fe, pid, case, seconds))
+        result.vhostd.append(measure(fe, pid, case, seconds, probe, result.control))
     sock.unlink(missing_ok=True)
+    if probe is not None:
+        probe.idle_port.unlink(missing_ok=True)
     with (
         dpdk_backend(workdir, sock, case.dpdk_mode, case.queues, case.size) as pid,
         frontend(workdir, sock, case) as fe,
@@ -309,6 +398,22 @@ def print_table(results: list[Result]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)), flush=True)
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_control(results: list[Result]) -> None:
+    """vhostd's control-plane answer times while its data path was saturated."""
+    rows = [r for r in results if r.control.status]
+    if not rows:
+        return
+    print("\n## Control plane under load (ms: median/p99/worst, asked every 50 ms)")
+    for r in rows:
+        c = r.control
+        print(
+            f"{r.case.name}: vhostd status {spread(c.status)}, /metrics {spread(c.metrics)}, "
+            f"new front-end GET_FEATURES {spread(c.connect)}"
+            + (f", {c.failures} unanswered" if c.failures else ""),
+            flush=True,
+        )
 
 
 def iotlb_cases(quick: bool) -> None:
@@ -372,8 +477,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"DPDK {d.mpps:.3f} Mpps (load {loadavg()})",
                     flush=True,
                 )
+                for rate in v.rates:
+                    print(f"    {rate.line()}", flush=True)
         print()
         print_table(results)
+        print_control(results)
         if not args.no_idle:
             vh, dp, src = idle_cpu(workdir, idle_seconds)
             print(
