@@ -136,12 +136,15 @@ class RingRates:
     frames_per_burst: float
     interrupts: float
     suppressed: float
+    backlogged: float
+    """RX frames per second that waited in the backlog (the switch's slow path)."""
 
     def line(self) -> str:
         return (
             f"{self.port}: {self.kicks / 1e3:.1f}k kicks/s, {self.bursts / 1e3:.1f}k TX bursts/s "
             f"of {self.frames_per_burst:.1f} frames, {self.interrupts / 1e3:.1f}k interrupts/s, "
-            f"{self.suppressed / 1e3:.1f}k suppressed/s"
+            f"{self.suppressed / 1e3:.1f}k suppressed/s, {self.backlogged / 1e3:.1f}k "
+            "backlogged/s"
         )
 
 
@@ -168,6 +171,7 @@ def ring_counters(before: dict[str, Any], after: dict[str, Any], seconds: float)
                 delta(tx, tx0, "packets") / bursts if bursts else 0.0,
                 delta(tx, tx0, "interrupts") + delta(rx, rx0, "interrupts"),
                 delta(tx, tx0, "interrupts_suppressed") + delta(rx, rx0, "interrupts_suppressed"),
+                delta(rx, rx0, "backlogged"),
             )
         )
     return out
