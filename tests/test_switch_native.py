@@ -217,3 +217,16 @@ async def test_tap_reads_go_to_the_switch_as_one_burst(
     assert bursts == [40]
     assert (tap.rx_packets, tap.rx_bytes) == (41, 40 * 72 + 5)
     assert switch.flooded == 40
+
+
+def test_a_full_switch_refuses_one_more_port_and_keeps_the_others() -> None:
+    switch = FastSwitch()
+    eps = [Uplink(f"u{i}") for i in range(fastswitch.PORTS)]
+    for ep in eps:
+        switch.attach(ep)
+    with pytest.raises(fastswitch.SwitchFull):
+        switch.attach(Uplink("one too many"))
+    switch.detach(eps[0])
+    switch.attach(Uplink("now it fits"))
+    switch.forward(eps[1], b"\xff" * 6 + _mac(1) + bytes(50))
+    assert len(eps[2].got) == 1 and not eps[0].got

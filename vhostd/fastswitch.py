@@ -30,7 +30,7 @@ from .switch import Endpoint, Switch
 if TYPE_CHECKING:
     from .net import Frame
 
-__all__ = ["CPort", "FastSwitch", "make_switch"]
+__all__ = ["CPort", "FastSwitch", "SwitchFull", "make_switch"]
 
 PORTS = lib.VHOSTD_SW_PORTS
 FLOOD = lib.VHOSTD_SW_FLOOD
@@ -58,6 +58,11 @@ class CPort(Protocol):
     def c_fill(self, port: Any) -> bool: ...
 
     def c_finish(self, port: Any) -> None: ...
+
+
+class SwitchFull(RuntimeError):
+    """More ports and uplinks than the C switch has room for (``VHOSTD_SW_PORTS``):
+    the connection or uplink that asks for one more fails, the others go on."""
 
 
 class FastSwitch(Switch):
@@ -104,7 +109,9 @@ class FastSwitch(Switch):
         """The endpoint's port number in C, given at first sight (attached or not)."""
         got = self._ids.get(endpoint)
         if got is None:
-            got = self._by_id.index(None)  # ValueError past PORTS: see attach
+            if len(self._ids) >= PORTS:
+                raise SwitchFull(f"the switch takes at most {PORTS} ports and uplinks")
+            got = self._by_id.index(None)
             self._ids[endpoint] = got
             self._by_id[got] = endpoint
             port = self._c.port[got]
@@ -115,10 +122,8 @@ class FastSwitch(Switch):
     def attach(self, endpoint: Endpoint) -> None:
         if endpoint in self._endpoints:
             return
-        if len(self._ids) >= PORTS and endpoint not in self._ids:
-            raise ValueError(f"the switch takes at most {PORTS} ports")
-        super().attach(endpoint)
         n = self._id(endpoint)
+        super().attach(endpoint)
         port = self._c.port[n]
         port.attached = 1
         if isinstance(endpoint, CPort) and endpoint.c_kind in (KIND_VHOST, KIND_TAP):

@@ -772,8 +772,12 @@ class Session:
                 kind = exc.fault.value if isinstance(exc, QueueError) else "access_error"
                 self._fail(vring, kind, str(exc))
                 return
+        waiting = bool(rx.backlog)
         rx.enqueue(frame, hdr)
-        if signal(vring.kick):
+        # Wake the RX ring's task for the first frame that waits only: with frames
+        # already waiting it is awake or waits for buffers or a MISS answer, and a
+        # write per frame (a syscall each) only woke it to find the same.
+        if not waiting and signal(vring.kick):
             vring.kick_writes += 1  # ours, not the guest's (diagnosis)
 
     def send_burst(self, burst: FrameBurst, start: int, swap: bool, end: int | None = None) -> int:

@@ -98,7 +98,7 @@ int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
 uint32_t vhostd_mac_run(const struct vhostd_frame *frames, uint32_t start, uint32_t n);
 
 /* The switch (switch.h): a MAC table and the ports a TX burst is switched to. */
-enum { VHOSTD_SW_PORTS = 256, VHOSTD_SW_RXQ = 8 };
+enum { VHOSTD_SW_PORTS = 1024, VHOSTD_SW_RXQ = 8 };
 /* Destinations vhostd_sw_route gives a frame besides a port number. */
 enum { VHOSTD_SW_FLOOD = 0xffff, VHOSTD_SW_FILTER = 0xfffe };
 /* What a switch port is to C. */
