@@ -79,6 +79,8 @@ class FastSwitch(Switch):
         self._ids: dict[Endpoint, int] = {}
         self._by_id: list[Endpoint | None] = [None] * PORTS
         self._c_ports: list[CPort | None] = [None] * PORTS
+        self._ports = [c.port[i] for i in range(PORTS)]
+        """Each port's ``struct vhostd_sw_port``, looked up once."""
         self._dst = ffi.new("uint16_t[]", MAX_BURST)
         self._need = ffi.new("uint64_t[]", MAX_BURST)
         self._keep: list[Any] = []
@@ -199,13 +201,12 @@ class FastSwitch(Switch):
         ntouched = c.ntouched
         if not ntouched:
             return
-        ports, c_ports = c.port, self._c_ports
-        touched = [int(p) for p in c.touched[0:ntouched]]
+        ports, c_ports = self._ports, self._c_ports
+        touched = ffi.unpack(c.touched, ntouched)
         for p in touched:
-            port = ports[p]
             cp = c_ports[p]
-            port.rc = 0
-            port.stop = n if cp is not None and cp.c_prepare(port) else 0
+            if cp is not None and not cp.c_prepare(ports[p]):
+                ports[p].stop = 0
         lib.vhostd_sw_deliver(c, sid, frames, need, n, dst)
         by_id, notice = self._by_id, self._touched
         for p in touched:
@@ -214,7 +215,7 @@ class FastSwitch(Switch):
             assert endpoint is not None
             cp = c_ports[p]
             if cp is not None:
-                if port.stop < n and port.rc == NEED:
+                if port.rc == NEED:
                     self._fill(cp, port, p, sid, frames, need, n)
                 cp.c_finish(port)
             stop = port.stop

@@ -189,10 +189,15 @@ uint32_t vhostd_sw_dump(const struct vhostd_switch *sw, uint8_t *macs, uint16_t 
 
 /* -- a burst ---------------------------------------------------------------- */
 
-static void touch(struct vhostd_switch *sw, uint32_t p)
+/* List port p among those the burst of n frames goes to, C serving it from
+   the first frame unless it is Python's (stop 0); Python may still stop it. */
+static void touch(struct vhostd_switch *sw, uint32_t p, uint32_t n)
 {
-    if (!sw->port[p].touched) {
-        sw->port[p].touched = 1;
+    struct vhostd_sw_port *port = &sw->port[p];
+    if (!port->touched) {
+        port->touched = 1;
+        port->rc = VHOSTD_DONE;
+        port->stop = port->kind == VHOSTD_SW_PY ? 0 : n;
         sw->touched[sw->ntouched++] = (uint16_t)p;
     }
 }
@@ -201,7 +206,8 @@ static void touch(struct vhostd_switch *sw, uint32_t p)
    (SW_SKIP for a frame too short to switch). Learns as Switch.forward_burst
    does, once per run of frames with the same 12 MAC bytes, counts forwarded,
    flooded and filtered frames, and lists in touched[] the ports the burst
-   goes to (cleared first; each port's touched flag with it). */
+   goes to (cleared first; each port's touched flag with it), each with
+   rc VHOSTD_DONE and stop n (0 for a port Python serves). */
 void vhostd_sw_route(struct vhostd_switch *sw, uint32_t src, const struct vhostd_frame *frames,
                      uint32_t n, uint16_t *dst)
 {
@@ -225,7 +231,7 @@ void vhostd_sw_route(struct vhostd_switch *sw, uint32_t src, const struct vhostd
             flood = 1;
         } else {
             sw->forwarded += end - k;
-            touch(sw, d);
+            touch(sw, d, n);
         }
         for (; k < end; k++)
             dst[k] = (uint16_t)d;
@@ -233,7 +239,7 @@ void vhostd_sw_route(struct vhostd_switch *sw, uint32_t src, const struct vhostd
     if (flood) {
         for (i = 0; i < VHOSTD_SW_PORTS; i++)
             if (sw->port[i].attached && i != src)
-                touch(sw, i);
+                touch(sw, i, n);
     }
 }
 
