@@ -2,7 +2,8 @@
 
 The C lives in ``vhostd/csrc``, one file per concept (``tcache.c`` the
 translation cache, ``ring.c`` the split ring walk, ``net.c`` TX bursts and RX
-delivery, ``guard.c`` the SIGBUS guard over guest memory); the headers in
+delivery, ``switch.c`` the switch's MAC table and burst delivery, ``guard.c``
+the SIGBUS guard over guest memory); the headers in
 ``HEADERS`` say what Python may call, and their parts between the
 ``cffi:begin``/``cffi:end`` markers are the cffi declaration as well, so the
 two cannot drift apart. Warnings are errors.
