@@ -132,6 +132,8 @@ class RingRates:
 
     port: str
     kicks: float
+    """On TX rings (the RX rings' are in ``rx_kicks``)."""
+    rx_kicks: float
     bursts: float
     frames_per_burst: float
     interrupts: float
@@ -141,7 +143,8 @@ class RingRates:
 
     def line(self) -> str:
         return (
-            f"{self.port}: {self.kicks / 1e3:.1f}k kicks/s, {self.bursts / 1e3:.1f}k TX bursts/s "
+            f"{self.port}: {self.kicks / 1e3:.1f}k TX kicks/s, "
+            f"{self.rx_kicks / 1e3:.1f}k RX kicks/s, {self.bursts / 1e3:.1f}k TX bursts/s "
             f"of {self.frames_per_burst:.1f} frames, {self.interrupts / 1e3:.1f}k interrupts/s, "
             f"{self.suppressed / 1e3:.1f}k suppressed/s, {self.backlogged / 1e3:.1f}k "
             "backlogged/s"
@@ -166,7 +169,8 @@ def ring_counters(before: dict[str, Any], after: dict[str, Any], seconds: float)
         out.append(
             RingRates(
                 port["name"],
-                delta(tx, tx0, "kicks") + delta(rx, rx0, "kicks"),
+                delta(tx, tx0, "kicks"),
+                delta(rx, rx0, "kicks"),
                 bursts,
                 delta(tx, tx0, "packets") / bursts if bursts else 0.0,
                 delta(tx, tx0, "interrupts") + delta(rx, rx0, "interrupts"),

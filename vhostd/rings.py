@@ -13,6 +13,7 @@ switch side.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -32,7 +33,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-POLL_SECONDS = 100e-6
+
+def _poll_us(default: int = 100) -> int:
+    """``VHOSTD_POLL_US`` from the environment: 0 or more microseconds, else the default."""
+    raw = os.environ.get("VHOSTD_POLL_US", "")
+    return int(raw) if raw.isdigit() else default
+
+
+POLL_SECONDS = _poll_us() / 1e6
 """How long a switch or reflect port's TX ring that just moved frames keeps polling
 before it asks for kicks and sleeps (Linux vhost-net's busyloop_timeout).
 
@@ -42,7 +50,8 @@ to sleep after every burst, each next burst costs the front-end a kick and
 vhostd a wake-up, and the two sides settle into taking turns on one lump of
 frames, or not, from run to run: the bimodal switch case (README,
 "Performance"). Polling on keeps both sides busy at once; an idle ring still
-sleeps after this long.
+sleeps after this long. ``VHOSTD_POLL_US`` in the environment sets it
+(microseconds; 0 turns polling off).
 """
 
 
@@ -128,6 +137,16 @@ class RingLoop:
             if poll and await _polled(queue, last_busy + POLL_SECONDS):
                 continue
             rx = vring.rx
+            if rx is not None and filler is None and not rx.backlog:
+                # Nothing waits for this RX ring's buffers: no kick is wanted when
+                # the driver posts more (it would cost it a syscall and us a
+                # wake-up per refill). Frames come from the switch side, which
+                # wakes this task itself when the first one has to wait.
+                queue.suppress_kicks()
+                await trio.lowlevel.wait_readable(kick)
+                vring.kick_reads += drain(kick)
+                stats.kicks += 1
+                continue
             if rx is not None and rx.backlog and filler is None:
                 more = await self._translated(
                     vring, functools.partial(queue.want_kicks, rx.stalled_at)
