@@ -230,3 +230,24 @@ def test_a_full_switch_refuses_one_more_port_and_keeps_the_others() -> None:
     switch.attach(Uplink("now it fits"))
     switch.forward(eps[1], b"\xff" * 6 + _mac(1) + bytes(50))
     assert len(eps[2].got) == 1 and not eps[0].got
+
+
+def test_receiver_needs_is_receiver_takes_as_a_feature_mask() -> None:
+    """What C checks per receiver (``need`` bits) decides exactly as ``offload.receiver_takes``."""
+    from itertools import product
+
+    from protocol.enums import VirtioFeature as VF
+    from vhostd.offload import receiver_takes
+
+    bits = [VF.NET_GUEST_CSUM, VF.NET_GUEST_TSO4, VF.NET_GUEST_TSO6, VF.NET_GUEST_ECN]
+    headers = [
+        VnetHeader(1, 0, 0, 0, 34, 16),
+        VnetHeader(1, 1, 54, 1448, 34, 16),
+        VnetHeader(1, 4, 74, 1428, 54, 16),
+        VnetHeader(1, 0x81, 54, 1448, 34, 16),
+        VnetHeader(1, 0x84, 74, 1428, 54, 16),
+    ]
+    for picks, hdr in product(product([0, 1], repeat=len(bits)), headers):
+        features = sum(int(b) for b, on in zip(bits, picks, strict=True) if on)
+        need = fastswitch.receiver_needs(hdr)
+        assert (features & need == need) == receiver_takes(features, hdr), (hdr, features)

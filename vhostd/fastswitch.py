@@ -20,15 +20,14 @@ and the interrupt decision stay once per burst per destination
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+from protocol.enums import VirtioFeature as VF
 
 from .fastpath import ENABLED, MAX_BURST, FrameBurst
 from .native import ffi, lib
-from .offload import PLAIN, VnetHeader
+from .offload import GSO_ECN, GSO_NONE, GSO_TCPV4, PLAIN, VnetHeader
 from .switch import Endpoint, Switch
-
-if TYPE_CHECKING:
-    from .net import Frame
 
 __all__ = ["CPort", "FastSwitch", "SwitchFull", "make_switch"]
 
@@ -270,17 +269,9 @@ class FastSwitch(Switch):
             if d == p or (d == FLOOD and p != sid):
                 endpoint.send(burst.view(k), PLAIN if hdrs is None else hdrs[k])
 
-    def forward(self, src: Endpoint, frame: Frame, hdr: VnetHeader = PLAIN) -> None:
-        """One frame, as the reference (its table lookups in C)."""
-        super().forward(src, frame, hdr)
-
 
 def receiver_needs(hdr: VnetHeader) -> int:
     """The features a receiver needs to take ``hdr`` as it is (``offload.receiver_takes``)."""
-    from protocol.enums import VirtioFeature as VF
-
-    from .offload import GSO_ECN, GSO_NONE, GSO_TCPV4
-
     if hdr.gso_type != GSO_NONE:
         need = int(VF.NET_GUEST_TSO4 if hdr.gso == GSO_TCPV4 else VF.NET_GUEST_TSO6)
         if hdr.gso_type & GSO_ECN:
