@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.probe import frame, ports
+from tests.probe import frame, ports, until
 from tests.vusim.frontend import Frontend
 from vhostd import rings
 
@@ -55,3 +55,24 @@ async def test_a_sink_port_does_not_poll(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(rings, "POLL_SECONDS", 5.0)
     first, second = await _kicks_for_two_bursts("sink", 0.0)
     assert second == first + 1
+
+
+@pytest.mark.trio
+async def test_an_rx_ring_with_nothing_waiting_asks_for_no_kicks() -> None:
+    """Refills of an RX ring no frame waits for cost the driver no kick (and vhostd no
+    wake-up); once frames wait for buffers, posting buffers kicks and delivers them."""
+    async with ports("reflect") as (_, (port,)), Frontend.connect(port.config.socket) as fe:
+        await fe.net_setup(iommu=False)
+        fe.post_rx(0, 4)
+        await trio.sleep(0.05)
+        kicks = port.stats.queue(0).kicks
+        for _ in range(5):
+            fe.post_rx(0, 4)
+            await trio.sleep(0.01)
+        assert port.stats.queue(0).kicks == kicks
+        # 24 buffers posted; 30 frames: 6 wait, and the next refill's kick delivers them.
+        assert len(await fe.send_frames(1, [frame(i) for i in range(30)])) == 30
+        await until(lambda: port.stats.queue(0).packets == 24)
+        fe.post_rx(0, 8)
+        await until(lambda: port.stats.queue(0).packets == 30)
+        assert port.stats.queue(0).kicks > kicks
