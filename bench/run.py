@@ -33,6 +33,14 @@ Then TCP through real QEMU guests (``bench/tcp_bench.py``): guest to guest and
 guest to a TAP, Mbit/s and bytes per packet with vhostd's offloads on and off,
 side by side with DPDK net_vhost (``tso=1``) and net_tap in io mode.
 
+In the reflect and switch cases vhostd also runs an idle third port and a
+metrics endpoint, and ``bench/control_probe.py`` times the control plane
+throughout the window: ``vhostd status``, ``GET /metrics`` and a new
+front-end's first answer (GET_FEATURES on the idle port), printed as
+median/p99/worst; each round also prints each port's kicks, TX bursts (and
+frames per burst) and interrupts per second, from ``vhostd status`` at both
+ends of the window.
+
 The load average is printed before and after: on a shared 2-core machine the
 numbers mean something only relative to each other within one run.
 
@@ -45,6 +53,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -58,14 +67,24 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import tcp_bench  # noqa: E402
+from bench.control_probe import (  # noqa: E402
+    ControlProbe,
+    Latencies,
+    RingRates,
+    ring_counters,
+    spread,
+)
 from bench.tcp_bench import TCP_CASES  # noqa: E402
 from tests.daemon import VhostdProcess  # noqa: E402
 from tests.lab.dpdk import Testpmd, VhostBackend, VirtioUser  # noqa: E402
+from vhostd.control import fetch  # noqa: E402
 
 FRONTEND_LCORES = "0@(0,1),1@1"
 BACKEND_LCORES = "0@(0,1),1@0"
 BACKEND_CPU = "0"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROBED = ("reflect", "switch")
+"""vhostd modes whose windows also time the control plane (``control_probe``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +138,8 @@ SWITCH_BURSTS = 7
 class Sample:
     mpps: float
     cpu_s_per_mpkt: float | None = None  # the back-end's CPU per million packets
+    rates: list[RingRates] = field(default_factory=list)
+    """vhostd only: kicks, bursts, interrupts per second of each port over the window."""
 
 
 @dataclass(slots=True)
@@ -126,6 +147,24 @@ class Result:
     case: Case
     vhostd: list[Sample] = field(default_factory=list)
     dpdk: list[Sample] = field(default_factory=list)
+    control: Latencies = field(default_factory=Latencies)
+    """vhostd's control-plane answer times during the windows (``PROBED`` modes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Where to ask a running vhostd: control socket, metrics URL, an idle port's socket."""
+
+    control: Path
+    metrics_url: str
+    idle_port: Path
+
+    @classmethod
+    def under(cls, workdir: Path) -> Probe:
+        with socket.socket() as s:  # a free loopback port for the metrics endpoint
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return cls(workdir / "ctl.sock", f"http://127.0.0.1:{port}/metrics", workdir / "probe.sock")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -142,18 +181,28 @@ def loadavg() -> str:
 
 @contextmanager
 def vhostd_backend(
-    workdir: Path, sock: Path, mode: str, size: int = 64, more: Sequence[Path] = ()
+    workdir: Path,
+    sock: Path,
+    mode: str,
+    size: int = 64,
+    more: Sequence[Path] = (),
+    probe: Probe | None = None,
 ) -> Iterator[int]:
+    """vhostd on ``sock`` (and ``more``); with ``probe`` also a metrics endpoint and an
+    idle port for ``control_probe`` (the idle port is in ``mode`` too: no frames reach it)."""
     args = ["--socket", str(sock), "--mode", mode, "--control-socket", str(workdir / "ctl.sock")]
     for extra in more:
         args += ["--socket", str(extra)]
+    if probe is not None:
+        args += ["--socket", str(probe.idle_port)]
+        args += ["--metrics-listen", probe.metrics_url.split("/")[2]]
     args += ["--log-level", "warning"]
     if mode == "source":
         args += ["--source-size", str(size)]
     wrapper = ["taskset", "-c", BACKEND_CPU] if shutil.which("taskset") else []
     proc = VhostdProcess(args, workdir / "vhostd.log", wrapper=wrapper)
     with proc:
-        proc.start(wait_for=[sock, *more])
+        proc.start(wait_for=[sock, *more, *([probe.idle_port] if probe else [])])
         assert proc.proc is not None
         yield proc.proc.pid  # taskset execs: the PID is vhostd's
 
@@ -187,14 +236,41 @@ def frontend(workdir: Path, sock: Path, case: Case) -> Testpmd:
     )
 
 
-def measure(fe: Testpmd, backend_pid: int, case: Case, seconds: float) -> Sample:
+@contextmanager
+def window(
+    probe: Probe | None, latencies: Latencies | None, rates: list[RingRates]
+) -> Iterator[None]:
+    """A measuring window: with ``probe``, the control plane is asked throughout and the
+    ring counters are read at both ends (into ``latencies`` and ``rates``)."""
+    if probe is None:
+        yield
+        return
+    before, t0 = fetch(str(probe.control)), time.monotonic()
+    with ControlProbe(probe.control, probe.metrics_url, probe.idle_port) as asking:
+        yield
+    after, t1 = fetch(str(probe.control)), time.monotonic()
+    rates += ring_counters(before, after, t1 - t0)
+    if latencies is not None:
+        latencies.extend(asking.result)
+
+
+def measure(
+    fe: Testpmd,
+    backend_pid: int,
+    case: Case,
+    seconds: float,
+    probe: Probe | None = None,
+    latencies: Latencies | None = None,
+) -> Sample:
     """Forward for a warm-up, then count over ``seconds`` of steady state."""
     fe.wait_link_up()
     fe.start_forwarding()
     time.sleep(min(1.0, seconds / 2))
     fe.clear_stats()
+    rates: list[RingRates] = []
     cpu0, t0 = cpu_seconds(backend_pid), time.monotonic()
-    time.sleep(seconds)
+    with window(probe, latencies, rates):
+        time.sleep(seconds)
     stats = fe.port_stats()[0]
     cpu1, t1 = cpu_seconds(backend_pid), time.monotonic()
     fe.stop_forwarding()
@@ -202,7 +278,7 @@ def measure(fe: Testpmd, backend_pid: int, case: Case, seconds: float) -> Sample
         raise RuntimeError(f"testpmd died during {case.name}")
     packets = stats.tx_packets if case.counted == "tx" else stats.rx_packets
     mpkts = packets / 1e6
-    return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None)
+    return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None, rates)
 
 
 def switch_frontend(workdir: Path, sock_a: Path, sock_b: Path, case: Case) -> Testpmd:
@@ -229,31 +305,41 @@ def switch_frontend(workdir: Path, sock_a: Path, sock_b: Path, case: Case) -> Te
     )
 
 
-def measure_switch(fe: Testpmd, backend_pid: int, seconds: float) -> Sample:
+def measure_switch(
+    fe: Testpmd,
+    backend_pid: int,
+    seconds: float,
+    probe: Probe | None = None,
+    latencies: Latencies | None = None,
+) -> Sample:
     """Both ports' bursts circulate; what both received over ``seconds`` counts."""
     fe.wait_link_up(0)
     fe.wait_link_up(1)
     fe.command_output(f"start tx_first {SWITCH_BURSTS}")
     time.sleep(min(1.0, seconds / 2))
     fe.clear_stats()
+    rates: list[RingRates] = []
     cpu0, t0 = cpu_seconds(backend_pid), time.monotonic()
-    time.sleep(seconds)
+    with window(probe, latencies, rates):
+        time.sleep(seconds)
     stats = fe.port_stats()
     cpu1, t1 = cpu_seconds(backend_pid), time.monotonic()
     fe.stop_forwarding()
     if not fe.running():
         raise RuntimeError("testpmd died during the switch case")
     mpkts = (stats[0].rx_packets + stats[1].rx_packets) / 1e6
-    return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None)
+    return Sample(mpkts / (t1 - t0), (cpu1 - cpu0) / mpkts if mpkts else None, rates)
 
 
 def run_switch_case(case: Case, workdir: Path, seconds: float, result: Result) -> None:
     a, b = workdir / "a.sock", workdir / "b.sock"
+    probe = Probe.under(workdir)
     with (
-        vhostd_backend(workdir, a, case.vhostd_mode, more=[b]) as pid,
+        vhostd_backend(workdir, a, case.vhostd_mode, more=[b], probe=probe) as pid,
         switch_frontend(workdir, a, b, case) as fe,
     ):
-        result.vhostd.append(measure_switch(fe, pid, seconds))
+        result.vhostd.append(measure_switch(fe, pid, seconds, probe, result.control))
+    probe.idle_port.unlink(missing_ok=True)
     a.unlink(missing_ok=True)
     b.unlink(missing_ok=True)
     with (
@@ -270,12 +356,15 @@ def run_case(case: Case, workdir: Path, seconds: float, result: Result) -> None:
         run_switch_case(case, workdir, seconds, result)
         return
     sock = workdir / "bench.sock"
+    probe = Probe.under(workdir) if case.vhostd_mode in PROBED else None
     with (
-        vhostd_backend(workdir, sock, case.vhostd_mode, case.size) as pid,
+        vhostd_backend(workdir, sock, case.vhostd_mode, case.size, probe=probe) as pid,
         frontend(workdir, sock, case) as fe,
     ):
-        result.vhostd.append(measure(fe, pid, case, seconds))
+        result.vhostd.append(measure(fe, pid, case, seconds, probe, result.control))
     sock.unlink(missing_ok=True)
+    if probe is not None:
+        probe.idle_port.unlink(missing_ok=True)
     with (
         dpdk_backend(workdir, sock, case.dpdk_mode, case.queues, case.size) as pid,
         frontend(workdir, sock, case) as fe,
@@ -364,6 +453,22 @@ def print_packed_table(results: list[Result]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def print_control(results: list[Result]) -> None:
+    """vhostd's control-plane answer times while its data path was saturated."""
+    rows = [r for r in results if r.control.status]
+    if not rows:
+        return
+    print("\n## Control plane under load (ms: median/p99/worst, asked every 50 ms)")
+    for r in rows:
+        c = r.control
+        print(
+            f"{r.case.name}: vhostd status {spread(c.status)}, /metrics {spread(c.metrics)}, "
+            f"new front-end GET_FEATURES {spread(c.connect)}"
+            + (f", {c.failures} unanswered" if c.failures else ""),
+            flush=True,
+        )
+
+
 def iotlb_cases(quick: bool) -> None:
     from bench import iotlb_bench, iotlb_pps
 
@@ -434,10 +539,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"DPDK {d.mpps:.3f} Mpps (load {loadavg()})",
                     flush=True,
                 )
+                for rate in v.rates:
+                    print(f"    {rate.line()}", flush=True)
         if results:
             print()
             print_table(results)
             print_packed_table(results)
+            print_control(results)
         if tcp_cases:
             tcp_bench.report(tcp_cases, rounds, tcp_size, workdir)
         if not args.no_idle:

@@ -2,9 +2,10 @@
 
 ``python -m tests.fuzz_native --seconds 60`` runs seeds from ``--start`` on,
 each as a TX burst sequence, an RX delivery sequence and RX batches (plain
-and MAC-swapped), on a split and on a packed ring, through the C path and
-the Python reference, on rings a hostile driver scribbled over
-(``tests.differential.scribble``/``scribble_packed``), and stops at
+and MAC-swapped), on a split and on a packed ring, and switch bursts among
+three guests and two uplinks (``tests.switch_differential``, every other seed
+on hostile rings), through the C path and the Python reference, on rings a
+hostile driver scribbled over (``tests.differential.scribble``/``scribble_packed``), and stops at
 the first divergence with the seed that shows it. Under the sanitizer build
 (``VHOSTD_SANITIZE=1``, see ``vhostd/native.py``) a memory error in C aborts
 the run. Seeds run in order, so a run is reproducible: only its length
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.differential import compare, differential, differential_batch
+from tests.switch_differential import compare_switch, switch_differential
 
 Pair = tuple[dict[str, Any], dict[str, Any]]
 
@@ -34,6 +36,7 @@ def cases(seed: int) -> list[tuple[str, Callable[[], Pair]]]:
         ("packed-rx", lambda: differential(seed, True, True, True)),
         ("packed-rx-batch", lambda: differential_batch(seed, False, True, True)),
         ("packed-rx-batch-swap", lambda: differential_batch(seed, True, True, True)),
+        ("switch", lambda: switch_differential.__wrapped__(seed, seed % 2 == 1)),
     ]
 
 
@@ -44,7 +47,7 @@ def run(start: int, seconds: float, limit: int | None = None) -> int:
     while time.monotonic() < deadline and (limit is None or seed < start + limit):
         for name, case in cases(seed):
             try:
-                compare(*case())
+                (compare_switch if name == "switch" else compare)(*case())
             except AssertionError as exc:
                 raise AssertionError(f"C and Python diverge: seed {seed}, {name}: {exc}") from exc
         differential.cache_clear()

@@ -98,9 +98,20 @@ async def check_port_works(port: Port, n: int = 8, *, iommu: bool = True) -> Non
 
 
 def count_batches(mp: pytest.MonkeyPatch) -> list[int]:
-    """Record how many frames each C ``deliver_batch`` call handles, while ``mp`` lasts."""
+    """Record how many frames each C ``deliver_batch`` call handles, while ``mp`` lasts,
+    and how many the C switch put into (or dropped from) one RX ring in one burst."""
     calls: list[int] = []
     real = fastpath.FastRxQueue.deliver_batch
+    real_done = fastpath.FastRxQueue.switch_done
+
+    def spy_done(self: fastpath.FastRxQueue, crx: Any) -> bool:
+        vq = self._ring.vq
+        took = int(vq.packets + vq.dropped)
+        if took:
+            calls.append(took)
+        return real_done(self, crx)
+
+    mp.setattr(fastpath.FastRxQueue, "switch_done", spy_done)
 
     def spy(
         self: fastpath.FastRxQueue, burst: fastpath.FrameBurst, *args: Any, **kwargs: Any

@@ -95,6 +95,7 @@ def test_fast_path_tests_run_clean_under_the_sanitizers(sanitized: dict[str, str
         "tests/test_memory.py",
         "tests/test_source.py",
         "tests/test_switch_burst.py",
+        "tests/test_switch_native.py",
     ]
     _clean(_run(sanitized, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], 1200))
 

@@ -2,8 +2,8 @@
 
 The C lives in ``vhostd/csrc``, one file per concept (``tcache.c`` the
 translation cache, ``ring.c`` the split ring walk, ``packed.c`` the packed
-ring walk, ``net.c`` TX bursts and RX
-delivery, ``guard.c`` the SIGBUS guard over guest memory); the headers in
+ring walk, ``net.c`` TX bursts and RX delivery, ``switch.c`` the switch's MAC
+table and burst delivery, ``guard.c`` the SIGBUS guard over guest memory); the headers in
 ``HEADERS`` say what Python may call, and their parts between the
 ``cffi:begin``/``cffi:end`` markers are the cffi declaration as well, so the
 two cannot drift apart. Warnings are errors.
@@ -29,7 +29,7 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = Path("vhostd", "csrc")
 """Relative to the project root, where setuptools runs this (it refuses absolute paths)."""
-SOURCES = ("tcache.c", "ring.c", "packed.c", "net.c", "log.c", "guard.c")
+SOURCES = ("tcache.c", "ring.c", "packed.c", "net.c", "switch.c", "log.c", "guard.c")
 HEADERS = ("vhostd.h", "guard.h", "packed.h")
 """The headers Python calls through: each one's cffi-marked part joins the cdef."""
 WARNINGS = ["-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wpointer-arith", "-Wvla"]

@@ -60,7 +60,8 @@ JSON keys (``version`` changes only when a key is renamed or removed):
     and ``last_used`` (null unless started), and the counters ``packets``,
     ``bytes``, ``drops``, ``bad_headers``, ``kicks``, ``interrupts``,
     ``interrupts_suppressed``, ``bursts``, ``gso_packets`` (TCP super-frames:
-    TX taken, RX handed whole), ``csum_partial`` (frames with NEEDS_CSUM).
+    TX taken, RX handed whole), ``csum_partial`` (frames with NEEDS_CSUM),
+    ``backlogged`` (RX frames that waited in the backlog).
   - ``totals``: ``{"rx": {counters}, "tx": {counters}}``, the sum over vrings.
   - ``iotlb``: ``enabled`` (ACCESS_PLATFORM negotiated now), ``entries``, and
     the counters ``lookups``, ``hits``, ``misses``, ``updates``,
@@ -130,6 +131,7 @@ QUEUE_COUNTERS: tuple[tuple[str, str], ...] = (
     ("bursts", "bursts"),
     ("gso_packets", "gso_packets"),
     ("csum_partial", "csum_partial"),
+    ("backlogged", "backlogged"),
 )
 """(snapshot key, QueueStats attribute)."""
 

@@ -32,11 +32,11 @@ from . import systemd
 from .activation import InheritedSocket, adopt
 from .config import ConfigError, DaemonConfig, PortConfig, TapConfig, load_config
 from .control import ControlSocket, bind_control, serve_control
+from .fastswitch import make_switch
 from .metrics import bind_metrics, serve_metrics
 from .port import Port
 from .reload import ReloadStatus, diff_for_reload
 from .runtime import InstanceLock, SetupError, claim_socket_path, runtime_file
-from .switch import Switch
 from .tap import CreatedTaps, TapUplink, delete_tap
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Daemon:
         config = adopt(config, self.inherited, config_path, quiet=True)
         self.config = config
         self.config_path = config_path
-        self.switch = Switch(config.switch.mac_ageing_seconds, config.switch.mac_table_size)
+        self.switch = make_switch(config.switch.mac_ageing_seconds, config.switch.mac_table_size)
         self.ports: dict[str, Port] = {}
         self.taps: list[TapUplink] = []
         self._nursery: trio.Nursery | None = None

@@ -178,15 +178,17 @@ def _discards(sink: Sink | None) -> bool:
     return getattr(forward, "__name__", None) == "_drop"
 
 
-def _burst_sink(sink: Sink | None) -> Any:
-    """The port's whole-burst entry when ``sink`` is a session whose port has one."""
+def _burst_sink(sink: Sink | None) -> tuple[Any, bool]:
+    """The port's whole-burst entry when ``sink`` is a session whose port has one,
+    and whether it takes bursts whose frames carry offload headers (``FrameBurst.hdrs``)."""
     if getattr(getattr(sink, "__func__", None), "__name__", None) != "_sink":
-        return None
+        return None, False
     session = getattr(sink, "__self__", None)
-    forward_burst = getattr(getattr(session, "port", None), "forward_burst", None)
+    port = getattr(session, "port", None)
+    forward_burst = getattr(port, "forward_burst", None)
     if forward_burst is None:
-        return None
-    return lambda burst: forward_burst(session, burst)
+        return None, False
+    return lambda burst: forward_burst(session, burst), bool(getattr(port, "burst_headers", False))
 
 
 class FrameBurst:
@@ -194,14 +196,17 @@ class FrameBurst:
 
     Handed whole to a port that can take a burst (reflect and switch modes),
     so that delivery is one C call per burst (per destination for the
-    switch); ``view(i)`` gives one frame to the per-frame path.
+    switch); ``view(i)`` gives one frame to the per-frame path. ``hdrs``,
+    when set, is each frame's accepted offload header (``PLAIN`` for most);
+    a refused frame then has length 0 and goes nowhere.
     """
 
-    __slots__ = ("frames", "n")
+    __slots__ = ("frames", "hdrs", "n")
 
-    def __init__(self, frames: Any, n: int) -> None:
+    def __init__(self, frames: Any, n: int, hdrs: list[VnetHeader] | None = None) -> None:
         self.frames = frames
         self.n = n
+        self.hdrs = hdrs
 
     def __len__(self) -> int:
         return self.n
@@ -262,7 +267,7 @@ class FastTxQueue(net.TxQueue):
         vq, cache = ring.vq, ring.cache
         frames, nframes, done_p = self._frames, self._nframes, self._done
         collect = 0 if _discards(sink) else 1
-        batch = _burst_sink(sink) if collect else None
+        batch, batch_hdrs = _burst_sink(sink) if collect else (None, False)
         stats = self.stats
         hdr_len, max_frame = self.hdr_len, self.max_frame
         done = 0
@@ -286,7 +291,7 @@ class FastTxQueue(net.TxQueue):
                 if vq.vnet_frames:
                     vq.vnet_frames = 0
                     assert sink is not None
-                    self._offloaded(frames, n, sink, batch)
+                    self._offloaded(frames, n, sink, batch, batch_hdrs)
                 elif n and batch is not None:
                     batch(FrameBurst(frames, n))
                 elif n:
@@ -326,13 +331,16 @@ class FastTxQueue(net.TxQueue):
                 stats.bursts += 1
         return done
 
-    def _offloaded(self, frames: Any, n: int, sink: Sink, batch: Any) -> None:
+    def _offloaded(
+        self, frames: Any, n: int, sink: Sink, batch: Any, batch_hdrs: bool = False
+    ) -> None:
         """Pass on frames of which some carry an offload header, as the reference would.
 
         Every header is judged first (``offload.check_tx``; a refused frame is
         uncounted as sent and counted as dropped, as ``take`` counts it), then
-        the frames go in order: runs without offloads as bursts, the others
-        one by one with their header.
+        the frames go in order: to a port that takes headers with its burst
+        (the switch) all at once, refused ones with length 0; otherwise runs
+        without offloads as bursts, the others one by one with their header.
         """
         stats = self.stats
         buffer = ffi.buffer
@@ -357,6 +365,12 @@ class FastTxQueue(net.TxQueue):
             else:
                 stats.csum_partial += 1
             hdrs.append(got)
+        if batch_hdrs:
+            for i in range(n):
+                if hdrs[i] is None:
+                    frames[i].len = 0
+            batch(FrameBurst(frames, n, [PLAIN if h is None else h for h in hdrs]))
+            return
         start = 0
         for i in range(n + 1):
             hdr = hdrs[i] if i < n else None
@@ -376,7 +390,7 @@ class FastTxQueue(net.TxQueue):
 class FastRxQueue(net.RxQueue):
     """``RxQueue`` with delivery in C (``flush_backlog`` comes with it)."""
 
-    __slots__ = ("_done", "_hdr_c", "_ring")
+    __slots__ = ("_done", "_features", "_hdr_c", "_ring")
 
     def __init__(
         self,
@@ -389,6 +403,57 @@ class FastRxQueue(net.RxQueue):
         self._ring = _Ring(queue, SCRATCH)  # scratch: one frame at a time in deliver_batch
         self._hdr_c = ffi.new("uint8_t[]", bytes(self.hdr))
         self._done = ffi.new("uint32_t *")
+        self._features = features
+
+    def switch_ready(self, crx: Any) -> bool:
+        """Fill ``crx`` (a ``struct vhostd_sw_rx``) for one C switch burst; False: not now.
+
+        Not now means a backlog waits (later frames queue behind it) or the
+        ring has no views; an IOTLB miss or fault on the ring itself
+        propagates, and the caller leaves the frames to ``deliver``, which
+        meets it again and handles it as for a lone frame.
+        """
+        if self.backlog:
+            return False
+        q = self.queue
+        q.refresh()
+        ring = self._ring
+        if q._gen != ring._gen or q.log is not ring._log:
+            ring.sync()
+        if ring._gen is None:
+            return False
+        vq = ring.vq
+        vq.last_avail, vq.last_used = q.last_avail, q.last_used
+        crx.vq, crx.tc, crx.hdr = vq, ring.cache, self._hdr_c
+        crx.hdr_len, crx.mergeable, crx.features = self.hdr_len, self.mergeable, self._features
+        return True
+
+    def switch_fill(self) -> bool:
+        """Cache the translation the C switch stopped at; False when the door says no
+        now (a miss, a denial, outside memory): ``deliver`` meets it and decides."""
+        vq = self._ring.vq
+        try:
+            return self._ring.fill(vq.need_addr, vq.need_perm)
+        except IotlbError:
+            return False
+
+    def switch_done(self, crx: Any) -> bool:
+        """Take back what a C switch burst did to the ring; True if it took frames
+        (delivered or dropped: ``deliver`` returned True, the session publishes)."""
+        vq, q = self._ring.vq, self.queue
+        q.last_avail, q.last_used = vq.last_avail, vq.last_used
+        took = bool(vq.packets or vq.dropped)
+        if took:
+            stats = self.stats
+            stats.packets += vq.packets
+            stats.bytes += vq.bytes
+            stats.dropped += vq.dropped
+            vq.packets = vq.bytes = vq.dropped = 0
+            if crx.gso_packets or crx.csum_partial:
+                stats.gso_packets += crx.gso_packets
+                stats.csum_partial += crx.csum_partial
+                crx.gso_packets = crx.csum_partial = 0
+        return took
 
     def deliver(self, frame: Frame, hdr: VnetHeader = PLAIN) -> bool:
         q = self.queue

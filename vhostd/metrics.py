@@ -82,6 +82,11 @@ QUEUE_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "csum_partial",
         "Frames with the checksum left to the receiver (NEEDS_CSUM), taken or handed whole.",
     ),
+    (
+        "vhostd_queue_backlogged",
+        "backlogged",
+        "RX frames that waited in the backlog (no buffer, an IOTLB miss, frames already waiting).",
+    ),
 )
 """(metric name without _total, QueueStats attribute, help)."""
 

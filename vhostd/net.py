@@ -84,6 +84,8 @@ class QueueStats:
     """TX: GSO super-frames taken; RX: GSO super-frames delivered whole."""
     csum_partial: int = 0
     """TX: frames taken with NEEDS_CSUM; RX: delivered with NEEDS_CSUM (checksum left open)."""
+    backlogged: int = 0
+    """RX: frames that waited in the backlog (no buffer, a miss, frames already waiting)."""
     bad_headers: Counter[str] = field(default_factory=Counter)
     """TX: ``bad_header`` drops by reason (``offload.BadHeader``)."""
 
@@ -260,6 +262,7 @@ class RxQueue:
             self.stats.dropped += 1
         else:
             self.backlog.append((bytes(frame), hdr))
+            self.stats.backlogged += 1
 
     def header_for(self, hdr: VnetHeader) -> bytearray:
         """The header bytes to write before a frame with offload ``hdr`` (num_buffers 1).

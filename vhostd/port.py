@@ -90,6 +90,8 @@ class Port:
             PortMode.REFLECT: self._reflect_burst,
         }.get(config.mode)
         """Takes a whole TX burst at once (switch and reflect modes); see ``fastpath``."""
+        self.burst_headers = config.mode is PortMode.SWITCH
+        """``forward_burst`` takes bursts with offload headers (``FrameBurst.hdrs``)."""
         self.source: Source | None = (
             Source(config.source_frame_size) if config.mode is PortMode.SOURCE else None
         )

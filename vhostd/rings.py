@@ -13,12 +13,16 @@ switch side.
 from __future__ import annotations
 
 import functools
+import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from .iotlb import IotlbMiss
+from .guestmem import AccessError
+from .iotlb import IotlbError, IotlbMiss
+from .virtqueue import QueueError
 from .vring import Vring, drain, signal
 
 if TYPE_CHECKING:
@@ -29,6 +33,45 @@ if TYPE_CHECKING:
     from .vqueue import Virtqueue
 
 T = TypeVar("T")
+
+
+def _poll_us(default: int = 100) -> int:
+    """``VHOSTD_POLL_US`` from the environment: 0 or more microseconds, else the default."""
+    raw = os.environ.get("VHOSTD_POLL_US", "")
+    return int(raw) if raw.isdigit() else default
+
+
+POLL_SECONDS = _poll_us() / 1e6
+"""How long a switch or reflect port's TX ring that just moved frames keeps polling
+before it asks for kicks and sleeps (Linux vhost-net's busyloop_timeout).
+
+Without it, when the front-end hands frames back within a few tens of
+microseconds (two ports bouncing frames through the switch), the ring goes
+to sleep after every burst, each next burst costs the front-end a kick and
+vhostd a wake-up, and the two sides settle into taking turns on one lump of
+frames, or not, from run to run: the bimodal switch case (README,
+"Performance"). Polling on keeps both sides busy at once; an idle ring still
+sleeps after this long. ``VHOSTD_POLL_US`` in the environment sets it
+(microseconds; 0 turns polling off).
+"""
+
+
+async def _polled(queue: Virtqueue, until: float) -> bool:
+    """Poll the ring until ``until`` (monotonic seconds); True as soon as chains are there.
+
+    Each look ends at a Trio checkpoint, so the other tasks run in between.
+    A ring that cannot be looked at now (a miss) counts as having chains: the
+    round that follows meets the miss and handles it.
+    """
+    while time.monotonic() < until:
+        await trio.lowlevel.checkpoint()
+        try:
+            queue.refresh()
+            if queue.available():
+                return True
+        except (IotlbError, QueueError, AccessError):
+            return True
+    return False
 
 
 def interrupt(vring: Vring, queue: Virtqueue) -> None:
@@ -74,6 +117,8 @@ class RingLoop:
         if filler is not None:
             work = functools.partial(self._source_round, filler)
         resolve = self.misses.resolve
+        poll = vring.tx is not None and self.port.forward_burst is not None
+        last_busy = 0.0
         while True:
             # _translated inlined: this runs once per burst.
             try:
@@ -86,9 +131,23 @@ class RingLoop:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 continue
             if busy:
+                if poll:
+                    last_busy = time.monotonic()
                 await trio.lowlevel.checkpoint()
                 continue
+            if poll and await _polled(queue, last_busy + POLL_SECONDS):
+                continue
             rx = vring.rx
+            if rx is not None and filler is None and not rx.backlog:
+                # Nothing waits for this RX ring's buffers: no kick is wanted when
+                # the driver posts more (it would cost it a syscall and us a
+                # wake-up per refill). Frames come from the switch side, which
+                # wakes this task itself when the first one has to wait.
+                queue.suppress_kicks()
+                await trio.lowlevel.wait_readable(kick)
+                vring.kick_reads += drain(kick)
+                stats.kicks += 1
+                continue
             if rx is not None and rx.backlog and filler is None:
                 more = await self._translated(
                     vring, functools.partial(queue.want_kicks, rx.stalled_at)

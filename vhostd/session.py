@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -59,6 +59,7 @@ from .misses import MISS_LOOKAHEAD as MISS_LOOKAHEAD  # re-exported for importer
 from .misses import MISS_OUTSTANDING as MISS_OUTSTANDING
 from .misses import MISS_TIMEOUT as MISS_TIMEOUT
 from .misses import Misses
+from .native import lib
 from .net import max_tx_frame
 from .offload import PLAIN, Action, VnetHeader, for_receiver
 from .rings import RingLoop, interrupt
@@ -784,8 +785,12 @@ class Session:
                 kind = exc.fault.value if isinstance(exc, QueueError) else "access_error"
                 self._fail(vring, kind, str(exc))
                 return
+        waiting = bool(rx.backlog)
         rx.enqueue(frame, hdr)
-        if signal(vring.kick):
+        # Wake the RX ring's task for the first frame that waits only: with frames
+        # already waiting it is awake or waits for buffers or a MISS answer, and a
+        # write per frame (a syscall each) only woke it to find the same.
+        if not waiting and signal(vring.kick):
             vring.kick_writes += 1  # ours, not the guest's (diagnosis)
 
     def send_burst(self, burst: FrameBurst, start: int, swap: bool, end: int | None = None) -> int:
@@ -821,6 +826,54 @@ class Session:
             self._dirty[vring] = None
             i += done
         return i - start
+
+    c_kind: int = lib.VHOSTD_SW_VHOST
+    """What this endpoint is to the C switch (``fastswitch.CPort``): RX rings."""
+
+    def c_prepare(self, port: Any) -> bool:
+        """Ready the RX rings ``send`` would pick from for one C switch burst.
+
+        False (nothing for C this burst; ``send`` takes the frames) when no
+        ring is ready, there are more than C picks from, one is not a C
+        queue, has a backlog, or cannot be refreshed (a miss, a fault:
+        ``send`` meets the same and handles it).
+        """
+        port.nrx = 0
+        ready = self._rx_ready
+        n = len(ready)
+        if not n or n > lib.VHOSTD_SW_RXQ:
+            return False
+        rxs = port.rx
+        for i in range(n):
+            rx = ready[i].rx
+            ready_c = getattr(rx, "switch_ready", None)
+            if ready_c is None:
+                return False
+            try:
+                if not ready_c(rxs[i]):
+                    return False
+            except (IotlbError, QueueError, AccessError):
+                return False
+            port.nrx = i + 1
+        return True
+
+    def c_fill(self, port: Any) -> bool:
+        """Translate what the C switch stopped at for ring ``port.need_rx``; False if not now."""
+        i = port.need_rx
+        ready = self._rx_ready
+        if i >= port.nrx or i >= len(ready):
+            return False
+        fill = getattr(ready[i].rx, "switch_fill", None)
+        return fill is not None and bool(fill())
+
+    def c_finish(self, port: Any) -> None:
+        """Take back the rings' indices and counters after a C switch burst."""
+        ready, rxs, dirty = self._rx_ready, port.rx, self._dirty
+        for i in range(port.nrx):
+            vring = ready[i]
+            if vring.rx.switch_done(rxs[i]):  # type: ignore[union-attr]
+                dirty[vring] = None
+        port.nrx = 0
 
     def flush(self) -> None:
         """Publish what ``send`` delivered and interrupt the guest once per burst."""

@@ -50,10 +50,10 @@ class Switch:
         self._endpoints: list[Endpoint] = []
         self._touched: dict[Endpoint, None] = {}
         self._watchers: list[Callable[[], None]] = []
-        self.flooded = 0
-        self.forwarded = 0
-        self.moves = 0
-        self.filtered = 0
+        self._flooded = 0
+        self._forwarded = 0
+        self._moves = 0
+        self._filtered = 0
         self.now = time.monotonic()
 
     @property
@@ -74,11 +74,34 @@ class Switch:
         if callback in self._watchers:
             self._watchers.remove(callback)
 
+    def _changed(self) -> None:
+        for callback in self._watchers:
+            callback()
+
+    @property
+    def flooded(self) -> int:
+        """Frames sent to every port but their source (unknown, broadcast, multicast)."""
+        return self._flooded
+
+    @property
+    def forwarded(self) -> int:
+        """Frames sent to the one port their destination MAC was learnt on."""
+        return self._forwarded
+
+    @property
+    def moves(self) -> int:
+        """Times a known MAC appeared on another port (a migrated guest, or a forger)."""
+        return self._moves
+
+    @property
+    def filtered(self) -> int:
+        """Frames whose destination lives on the port they came from: not sent."""
+        return self._filtered
+
     def attach(self, endpoint: Endpoint) -> None:
         if endpoint not in self._endpoints:
             self._endpoints.append(endpoint)
-        for callback in self._watchers:
-            callback()
+        self._changed()
 
     def detach(self, endpoint: Endpoint) -> None:
         """Remove an endpoint and every MAC learnt on it."""
@@ -86,8 +109,7 @@ class Switch:
             self._endpoints.remove(endpoint)
         for mac in [m for m, (ep, _) in self._table.items() if ep is endpoint]:
             del self._table[mac]
-        for callback in self._watchers:
-            callback()
+        self._changed()
 
     def tick(self) -> None:
         """Take the time once per burst rather than once per frame."""
@@ -106,7 +128,7 @@ class Switch:
             entry = table.get(smac)
             if entry is None or entry[0] is not src:
                 if entry is not None:
-                    self.moves += 1  # a migrated guest: its new port owns the MAC at once
+                    self._moves += 1  # a migrated guest: its new port owns the MAC at once
                 table[smac] = (src, now)
                 table.move_to_end(smac)
                 if len(table) > self.table_size:
@@ -125,13 +147,13 @@ class Switch:
         dst = self._route(src, bytes(frame[6:12]), bytes(frame[0:6]))
         if dst is not None:
             if dst is src:
-                self.filtered += 1
+                self._filtered += 1
             else:
-                self.forwarded += 1
+                self._forwarded += 1
                 dst.send(frame, hdr)
                 self._touched[dst] = None
             return
-        self.flooded += 1
+        self._flooded += 1
         touched = self._touched
         for ep in self._endpoints:
             if ep is not src:
@@ -146,9 +168,17 @@ class Switch:
         ``send_burst`` (one C call for as many frames as fit), and the frame
         that stops it through ``send``, which decides it exactly as alone.
         Floods and other endpoints (TAP) go frame by frame through ``forward``.
-        Each destination sees the frames in the order sent.
+        Each destination sees the frames in the order sent. A burst with
+        offload headers (``burst.hdrs``) goes frame by frame with them; frames
+        under an Ethernet header (refused ones) go nowhere.
         """
         n = len(burst)
+        if burst.hdrs is not None:
+            for k, hdr in enumerate(burst.hdrs):  # offloads: each frame as alone
+                frame = burst.view(k)
+                if len(frame) >= 14:
+                    self.forward(src, frame, hdr)
+            return
         touched = self._touched
         i = 0
         while i < n:
@@ -157,12 +187,12 @@ class Switch:
             dst = self._route(src, macs[6:12], macs[0:6]) if len(macs) == 12 else None
             send_burst = getattr(dst, "send_burst", None)
             if dst is src:
-                self.filtered += j - i
+                self._filtered += j - i
             elif dst is None or send_burst is None:
                 for k in range(i, j):
                     self.forward(src, burst.view(k))
             else:
-                self.forwarded += j - i
+                self._forwarded += j - i
                 k = i + send_burst(burst, i, False, j)
                 while k < j:
                     dst.send(burst.view(k))  # the frame the batch stopped at

@@ -58,3 +58,40 @@ def test_bench_tcp_smoke(testpmd_binary: str) -> None:
     assert row, out.stdout
     mbit, tx, rx = float(row[1]), int(row[2]), int(row[3])
     assert mbit > 1 and tx > 1514 and rx > 1514, out.stdout  # super-frames to the kernel
+
+
+def test_bench_switch_times_the_control_plane_under_load(testpmd_binary: str) -> None:
+    """The switch case: each round's ring counters, then status, /metrics and a new
+    front-end's answer times taken while both switch ports were saturated."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--quick",
+            "--case",
+            "switch 64B port <-> port",
+            "--no-idle",
+            "--no-iotlb",
+            "--no-log",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for port in ("a", "b"):
+        rates = re.search(
+            rf"^    {port}: [\d.]+k TX kicks/s, .* TX bursts/s of ([\d.]+) frames", out.stdout, re.M
+        )
+        assert rates and float(rates.group(1)) > 0, out.stdout
+    line = re.search(
+        r"^switch 64B port <-> port: vhostd status ([\d./]+), /metrics ([\d./]+), "
+        r"new front-end GET_FEATURES ([\d./]+)$",
+        out.stdout,
+        re.M,
+    )
+    assert line, out.stdout  # no "unanswered" either: every question got its answer
+    for spread in line.groups():
+        median, p99, worst = map(float, spread.split("/"))
+        assert 0 < median <= p99 <= worst < 5000

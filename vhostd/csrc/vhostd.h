@@ -109,6 +109,94 @@ int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
                             uint32_t nsel, uint32_t want, int stop_on_drop, uint32_t *done);
 uint32_t vhostd_mac_run(const struct vhostd_frame *frames, uint32_t start, uint32_t n);
 
+/* The switch (switch.h): a MAC table and the ports a TX burst is switched to. */
+enum { VHOSTD_SW_PORTS = 1024, VHOSTD_SW_RXQ = 8 };
+/* Destinations vhostd_sw_route gives a frame besides a port number. */
+enum { VHOSTD_SW_FLOOD = 0xffff, VHOSTD_SW_FILTER = 0xfffe };
+/* What a switch port is to C. */
+enum { VHOSTD_SW_PY = 0,     /* Python's send() takes every frame (stop = 0) */
+       VHOSTD_SW_VHOST = 1,  /* RX rings: rx[0, nrx), picked per frame as Session.send does */
+       VHOSTD_SW_TAP = 2 };  /* a TAP fd: one write(2) per frame */
+
+/* One RX ring of a destination, readied by Python for one burst. */
+struct vhostd_sw_rx {
+    struct vhostd_vq *vq;
+    struct vhostd_tcache *tc;
+    const uint8_t *hdr;        /* the plain header (num_buffers 1) */
+    uint32_t hdr_len;
+    uint32_t mergeable;
+    uint64_t features;         /* what the receiver negotiated (offload headers) */
+    uint64_t gso_packets;      /* offload headers delivered whole, for RxQueue.count_offload */
+    uint64_t csum_partial;
+};
+
+struct vhostd_sw_port {
+    uint32_t kind;
+    uint32_t attached;
+    uint32_t nrx;
+    int32_t fd;                /* TAP */
+    uint32_t vnet_len;         /* TAP: virtio-net header bytes before each frame (0: none) */
+    uint32_t touched;          /* listed in touched[] this burst */
+    uint64_t features;         /* TAP: the offloads the kernel takes */
+    uint32_t stop;             /* first frame of the burst C left to Python (>= n: none) */
+    uint32_t rc;               /* why: VHOSTD_NOBUF/NEED/FAULT/SLOW, or VHOSTD_DONE */
+    uint32_t need_rx;          /* NEED: the ring (rx[need_rx].vq has need_addr/need_perm) */
+    uint64_t packets;          /* TAP: written, bytes, refused by the kernel */
+    uint64_t bytes;
+    uint64_t dropped;
+    uint64_t gso;              /* TAP: of those written, GSO super-frames passed whole */
+    struct vhostd_sw_rx rx[VHOSTD_SW_RXQ];
+};
+
+/* A MAC table entry; the table is a hash over a list oldest -> newest. */
+struct vhostd_fdb_entry {
+    uint8_t mac[6];
+    uint16_t port;
+    uint32_t older;
+    uint32_t newer;
+    uint32_t next;             /* hash chain */
+    double seen;
+};
+
+struct vhostd_switch {
+    struct vhostd_fdb_entry *e;   /* cap + 1 entries (one more than the table keeps) */
+    uint32_t *bucket;
+    uint32_t nbuckets;            /* a power of two */
+    uint32_t cap;
+    uint32_t count;
+    uint32_t oldest;
+    uint32_t newest;
+    uint32_t free;
+    double now;
+    double ageing;
+    uint64_t flooded;
+    uint64_t forwarded;
+    uint64_t moves;
+    uint64_t filtered;
+    uint32_t ntouched;
+    uint16_t touched[VHOSTD_SW_PORTS];
+    struct vhostd_sw_port port[VHOSTD_SW_PORTS];
+};
+
+void vhostd_sw_init(struct vhostd_switch *sw, struct vhostd_fdb_entry *entries, uint32_t cap,
+                    uint32_t *buckets, uint32_t nbuckets, double ageing);
+int vhostd_sw_lookup(struct vhostd_switch *sw, uint32_t src, const uint8_t *smac,
+                     const uint8_t *dmac);
+uint32_t vhostd_sw_forget(struct vhostd_switch *sw, uint32_t port);
+uint32_t vhostd_sw_expire(struct vhostd_switch *sw, double cutoff);
+uint32_t vhostd_sw_dump(const struct vhostd_switch *sw, uint8_t *macs, uint16_t *ports,
+                        double *seen, uint32_t max);
+void vhostd_sw_route(struct vhostd_switch *sw, uint32_t src, const struct vhostd_frame *frames,
+                     uint32_t n, uint16_t *dst);
+void vhostd_sw_deliver(struct vhostd_switch *sw, uint32_t src, const struct vhostd_frame *frames,
+                       const uint64_t *need, uint32_t n, const uint16_t *dst);
+void vhostd_sw_resume(struct vhostd_switch *sw, uint32_t src, uint32_t p, uint32_t start,
+                      const struct vhostd_frame *frames, const uint64_t *need, uint32_t n,
+                      const uint16_t *dst);
+uint32_t vhostd_tap_read(int fd, uint8_t *buf, uint64_t buf_len, uint32_t room, uint32_t max,
+                         uint32_t vnet_len, struct vhostd_frame *frames, uint64_t *bytes,
+                         uint32_t *nframes);
+
 /* cffi:end */
 
 #endif
