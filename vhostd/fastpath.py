@@ -36,6 +36,7 @@ from .vqueue import Virtqueue
 __all__ = ["ENABLED", "FastRxQueue", "FastTxQueue", "FrameBurst", "RxQueue", "TxQueue"]
 
 ENABLED = os.environ.get("VHOSTD_FASTPATH", "1") != "0"
+TOO_BIG = BadHeader.TOO_BIG.value
 """Whether sessions use the C path (set VHOSTD_FASTPATH=0 for the reference)."""
 
 MAX_PIECES = 1024
@@ -285,7 +286,9 @@ class FastTxQueue(net.TxQueue):
                     stats.packets += vq.packets
                     stats.bytes += vq.bytes
                     stats.dropped += vq.dropped
-                    stats.bad_header += vq.bad_header
+                    if vq.bad_header:  # frames over max_frame: C counts only those
+                        stats.bad_header += vq.bad_header
+                        stats.bad_headers[TOO_BIG] += vq.bad_header
                     vq.packets = vq.bytes = vq.dropped = vq.bad_header = 0
                 n = nframes[0]
                 if vq.vnet_frames:

@@ -182,6 +182,9 @@ class TxQueue:
         size = q.walk(head, False, views) - self.hdr_len
         if size < MIN_FRAME or size > self.max_frame:
             stats.dropped += 1
+            if size > self.max_frame:  # a lie about the length as much as any header's
+                stats.bad_header += 1
+                stats.bad_headers[BadHeader.TOO_BIG.value] += 1
             return head, None, PLAIN
         raw = _header_bytes(views)
         hdr = PLAIN

@@ -40,6 +40,8 @@ int vhostd_tx_burst(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t skip,
         size = (int64_t)total - (int64_t)hdr_len;
         if (size < MIN_FRAME || size > (int64_t)max_frame) {
             q->dropped++;
+            if (size > (int64_t)max_frame)
+                q->bad_header++;                  /* frame_too_big */
         } else {
             const struct vhostd_piece *p = q->pieces;
             const uint8_t *vnet = NULL;
