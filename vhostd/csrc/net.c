@@ -117,8 +117,10 @@ void vhostd_tx_complete(struct vhostd_vq *q, uint32_t n)
     if (!n)
         return;
     if (q->packed) {
+        vhostd_packed_hold(q);
         for (k = 0; k < n; k++)
             vhostd_packed_put(q, q->heads[k].id, 0);
+        vhostd_packed_release(q);
         return;
     }
     first = slot = q->last_used % q->size;
@@ -252,6 +254,7 @@ int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
 {
     uint32_t k;
     int rc = VHOSTD_DONE;
+    vhostd_packed_hold(q);
     for (k = 0; k < n; k++) {
         const uint8_t *f = frames[k].ptr;
         uint32_t flen = frames[k].len;
@@ -285,6 +288,7 @@ int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
             break;
         }
     }
+    vhostd_packed_release(q);
     *done = k;
     return rc;
 }

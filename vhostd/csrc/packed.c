@@ -20,8 +20,10 @@ int vhostd_packed_head_at(struct vhostd_vq *q, uint32_t nth, uint32_t *head)
         q->p_cur_pos = q->last_avail;
     }
     pos = q->p_cur_pos;
-    for (k = q->p_cur_nth; k < nth; k++)
-        pos = vhostd_packed_advance(pos, q->p_counts[pos & 0x7fff] % (size + 1), size);
+    for (k = q->p_cur_nth; k < nth; k++) {
+        uint32_t n = q->p_counts[pos & 0x7fff];
+        pos = vhostd_packed_advance(pos, n <= size ? n : n % (size + 1), size);
+    }
     q->p_cur_nth = nth;
     q->p_cur_pos = (uint16_t)pos;
     if ((pos & 0x7fff) >= size)
@@ -76,7 +78,7 @@ int vhostd_packed_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t he
                        uint32_t *np, uint64_t *total_out, uint32_t *first_len)
 {
     uint32_t size = q->size, pos = head, ndesc = 0, want = writable ? DESC_F_WRITE : 0;
-    uint32_t perm = writable ? 2 : 1, slot = (head & 0x7fff) % size;
+    uint32_t perm = writable ? 2 : 1, slot = vhostd_packed_slot(head & 0x7fff, size);
     uint64_t total = 0;
     uint16_t id = 0;
     int rc;
@@ -118,21 +120,32 @@ int vhostd_packed_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t he
 }
 
 /* Write the used descriptor for the chain at head where the used position
-   is (id and len, then its flags with release order) and move both
-   positions past the chain's descriptors. */
+   is (id and len, then its flags with release order, or held: see
+   vhostd_packed_hold) and move both positions past the chain's descriptors. */
 void vhostd_packed_put(struct vhostd_vq *q, uint32_t head, uint32_t written)
 {
-    uint32_t size = q->size, slot = (head & 0x7fff) % size, at = q->last_used & 0x7fff;
-    uint32_t count = q->p_counts[slot] % (size + 1);
+    uint32_t size = q->size, slot = vhostd_packed_slot(head & 0x7fff, size);
+    uint32_t at = vhostd_packed_slot(q->last_used & 0x7fff, size);
+    uint32_t count = q->p_counts[slot];
     uint16_t id = q->p_ids[slot];
     uint16_t flags = (q->last_used & PACKED_WRAP) ? (uint16_t)(PACKED_F_AVAIL | PACKED_F_USED) : 0;
-    uint8_t *d = q->desc + 16 * (size_t)(at % size);
+    uint8_t *d = q->desc + 16 * (size_t)at;
+    if (count > size)
+        count %= size + 1;
     if (written)
         flags |= DESC_F_WRITE;
+    if (q->p_hold == 2 && q->p_held_at == at)
+        vhostd_packed_release(q);             /* round the whole ring: never write over it */
     memcpy(d + 8, &written, 4);
     memcpy(d + 12, &id, 2);
-    __atomic_store_n((uint16_t *)(void *)(d + PACKED_FLAGS_AT), flags, __ATOMIC_RELEASE);
-    vhostd_log_write(q->log, q->log_used + 16 * (uint64_t)(at % size) + 8, 8);
+    if (q->p_hold == 1) {
+        q->p_held_at = at;
+        q->p_held_flags = flags;
+        q->p_hold = 2;
+    } else {
+        __atomic_store_n((uint16_t *)(void *)(d + PACKED_FLAGS_AT), flags, __ATOMIC_RELEASE);
+    }
+    vhostd_log_write(q->log, q->log_used + 16 * (uint64_t)at + 8, 8);
     if (!count)
         count = 1;
     q->last_used = (uint16_t)vhostd_packed_advance(q->last_used, count, size);
