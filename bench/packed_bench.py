@@ -143,7 +143,10 @@ def _round_end(queue: Virtqueue) -> None:
         queue.needs_interrupt()
 
 
-def _setup(case: str, packed: bool, frame_size: int) -> tuple[Callable[[], int], Callable[[], None]]:
+Lap = Callable[[], int]
+
+
+def _setup(case: str, packed: bool, frame_size: int) -> tuple[Lap, Callable[[], None]]:
     """(one lap: returns frames moved, close)."""
     ram = GuestRam([(0, 16 << 20)])
     table = MemoryTable(8)

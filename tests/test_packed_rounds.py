@@ -108,7 +108,7 @@ def test_rx_batch_returns_every_used_descriptor_first_included(size: int) -> Non
     every buffer is used, in order, with its length (the held first flags too)."""
     with packed_ring(size) as (ram, ring, q):
         rx = FastRxQueue(q, FEATURES)
-        frames = [bytes([i]) * 6 + bytes([0x10 + i]) * 6 + b"\x88\xb5" + bytes(50) for i in range(3)]
+        frames = [bytes([i] * 6 + [0x10 + i] * 6) + b"\x88\xb5" + bytes(50) for i in range(3)]
         burst, keep = FrameBurst.of(frames * size)
         for _ in range(3):
             rx_buffers(ram, ring, size)
