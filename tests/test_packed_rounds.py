@@ -2,10 +2,10 @@
 
 ``has_available`` (what the poll and ``want_kicks`` ask) must answer as
 ``available() != 0`` does without counting every chain the driver posted,
-and the C entry points that return many chains at once (RX batch, TX
-completion) hold the first used descriptor's flags until the end of the
-call: every used descriptor, the first included, must be in the ring when
-the call returns, also when the batch goes round the whole ring.
+and the C calls that return many chains at once (RX batch; TX completion,
+which holds the first used descriptor's flags until the end of the call)
+must leave every used descriptor, the first included, in the ring when they
+return, also when the batch goes round the whole ring.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_the_round_glue_does_not_count_the_chains(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("size", [5, 8, 64])
 def test_rx_batch_returns_every_used_descriptor_first_included(size: int) -> None:
     """A batch that fills the ring, round its end several times: after each call
-    every buffer is used, in order, with its length (the held first flags too)."""
+    every buffer is used, in order, with its length."""
     with packed_ring(size) as (ram, ring, q):
         rx = FastRxQueue(q, FEATURES)
         frames = [bytes([i] * 6 + [0x10 + i] * 6) + b"\x88\xb5" + bytes(50) for i in range(3)]

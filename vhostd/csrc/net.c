@@ -254,7 +254,6 @@ int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
 {
     uint32_t k;
     int rc = VHOSTD_DONE;
-    vhostd_packed_hold(q);
     for (k = 0; k < n; k++) {
         const uint8_t *f = frames[k].ptr;
         uint32_t flen = frames[k].len;
@@ -288,7 +287,6 @@ int vhostd_rx_deliver_batch(struct vhostd_vq *q, struct vhostd_tcache *c,
             break;
         }
     }
-    vhostd_packed_release(q);
     *done = k;
     return rc;
 }

@@ -55,11 +55,14 @@ static inline uint32_t vhostd_packed_slot(uint32_t i, uint32_t size)
 int vhostd_packed_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int writable,
                        uint32_t *np, uint64_t *total_out, uint32_t *first_len);
 
-/* A batch of puts (one C call returning many chains) makes the first used
-   descriptor visible last: the driver, polling that one, sees the whole
-   batch at once instead of taking the ring's cache lines back after every
-   descriptor. Only the timing within the call changes, never what the ring
-   holds when the call returns: every entry point that holds releases. */
+/* A batch of puts (vhostd_tx_complete returning a whole burst) makes the
+   first used descriptor visible last: the driver, polling that one, sees the
+   whole batch at once instead of taking the ring's cache lines back after
+   every descriptor. Only the timing within the call changes, never what the
+   ring holds when the call returns. Only for a loop of nothing but puts: one
+   that also reads or writes guest memory (RX delivery: the frame, the walk,
+   the scatter) could meet the held descriptor, e.g. a hostile buffer laid
+   over the ring, and see or overwrite what the reference would not. */
 static inline void vhostd_packed_hold(struct vhostd_vq *q)
 {
     q->p_hold = q->packed ? 1 : 0;
