@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
 USED_LEN_ID = struct.Struct("<IH")
+EVENT = struct.Struct("<HH")
+"""An event area: off_wrap, flags."""
 
 DESC_F_AVAIL = 1 << 7
 DESC_F_USED = 1 << 15
@@ -371,8 +373,23 @@ class PackedQueue:
         return after
 
     def available(self) -> int:
-        """How many chains the driver has made available and we have not taken."""
+        """How many chains the driver has made available and we have not taken.
+
+        A Python scan over every one of them: callers that only ask whether
+        there are any use :meth:`has_available`.
+        """
         return self._scan()[0]
+
+    def has_available(self) -> bool:
+        """Whether a chain is available: ``available() != 0`` from one descriptor's flags.
+
+        The scan counts a chain exactly when the descriptor at ``last_avail``
+        is available in its wrap, so that one read decides (the polls and
+        ``want_kicks`` run this per round; a full scan cost a Python loop per
+        chain the driver posted).
+        """
+        pos = self.last_avail
+        return is_avail(self._desc16[8 * (pos & 0x7FFF) + 7], pos)
 
     def head(self, nth: int = 0) -> int:
         """The position of the ``nth`` not-yet-taken chain (the ones before it walked)."""
@@ -532,13 +549,14 @@ class PackedQueue:
         new = self.last_used
         old, valid = self.signalled_used, self.signalled_valid
         self.signalled_used, self.signalled_valid = new, True
-        off_wrap, flags = struct.unpack_from("<HH", self._avail, 0)
+        off_wrap, flags = EVENT.unpack_from(self._avail, 0)
         if flags == EVENT_DISABLE:
             return False
         if flags != EVENT_DESC or not self.event_idx or not valid:
             return True
-        size2 = 2 * self.size
-        lnew, lold, event = (linear(p, self.size) for p in (new, old, off_wrap))
+        size = self.size
+        size2 = 2 * size
+        lnew, lold, event = linear(new, size), linear(old, size), linear(off_wrap, size)
         return (lnew - event - 1) % size2 < (lnew - lold) % size2
 
     def want_kicks(self, seen: int | None = None) -> bool:
@@ -556,8 +574,9 @@ class PackedQueue:
             self._used16[1] = EVENT_ENABLE
         self._log_event()
         fence()
-        n, after, _ = self._scan()
-        return n != 0 if seen is None else after != seen
+        if seen is None:
+            return self.has_available()
+        return self._scan()[1] != seen
 
     def suppress_kicks(self) -> None:
         """While we are busy polling, kicks only cost the driver a syscall."""

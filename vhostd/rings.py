@@ -67,7 +67,7 @@ async def _polled(queue: Virtqueue, until: float) -> bool:
         await trio.lowlevel.checkpoint()
         try:
             queue.refresh()
-            if queue.available():
+            if queue.has_available():
                 return True
         except (IotlbError, QueueError, AccessError):
             return True

@@ -231,6 +231,10 @@ class SplitQueue:
             )
         return n
 
+    def has_available(self) -> bool:
+        """``available() != 0`` (the packed ring answers this without counting)."""
+        return self.available() != 0
+
     def head(self, nth: int = 0) -> int:
         """The head descriptor of the ``nth`` not-yet-taken available chain."""
         slot = (self.last_avail + nth) % self.size

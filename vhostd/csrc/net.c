@@ -117,8 +117,10 @@ void vhostd_tx_complete(struct vhostd_vq *q, uint32_t n)
     if (!n)
         return;
     if (q->packed) {
+        vhostd_packed_hold(q);
         for (k = 0; k < n; k++)
             vhostd_packed_put(q, q->heads[k].id, 0);
+        vhostd_packed_release(q);
         return;
     }
     first = slot = q->last_used % q->size;

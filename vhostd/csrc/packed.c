@@ -2,36 +2,6 @@
    flags first (acquire) and the rest after. */
 #include "ring.h"
 
-#define PACKED_FLAGS_AT 14
-
-static inline uint16_t load_flags(const uint8_t *d)
-{
-    return __atomic_load_n((const uint16_t *)(const void *)(d + PACKED_FLAGS_AT), __ATOMIC_ACQUIRE);
-}
-
-/* The nth not-yet-taken chain starts after the n chains before it, whose
-   descriptor counts their walks recorded: hop over them from the cursor. */
-int vhostd_packed_head_at(struct vhostd_vq *q, uint32_t nth, uint32_t *head)
-{
-    uint32_t size = q->size, pos, k;
-    if (q->p_cur_base != q->last_avail || q->p_cur_nth > nth) {
-        q->p_cur_base = q->last_avail;
-        q->p_cur_nth = 0;
-        q->p_cur_pos = q->last_avail;
-    }
-    pos = q->p_cur_pos;
-    for (k = q->p_cur_nth; k < nth; k++)
-        pos = vhostd_packed_advance(pos, q->p_counts[pos & 0x7fff] % (size + 1), size);
-    q->p_cur_nth = nth;
-    q->p_cur_pos = (uint16_t)pos;
-    if ((pos & 0x7fff) >= size)
-        return VHOSTD_NOBUF;
-    if (!vhostd_packed_avail(load_flags(q->desc + 16 * (size_t)(pos & 0x7fff)), pos))
-        return VHOSTD_NOBUF;
-    *head = pos;
-    return VHOSTD_DONE;
-}
-
 /* An indirect table: len/16 descriptors in order, NEXT ignored inside. */
 static int walk_indirect(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head,
                          uint64_t addr, uint32_t len, uint32_t flags, uint32_t want,
@@ -76,7 +46,7 @@ int vhostd_packed_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t he
                        uint32_t *np, uint64_t *total_out, uint32_t *first_len)
 {
     uint32_t size = q->size, pos = head, ndesc = 0, want = writable ? DESC_F_WRITE : 0;
-    uint32_t perm = writable ? 2 : 1, slot = (head & 0x7fff) % size;
+    uint32_t perm = writable ? 2 : 1, slot = vhostd_packed_slot(head & 0x7fff, size);
     uint64_t total = 0;
     uint16_t id = 0;
     int rc;
@@ -88,7 +58,7 @@ int vhostd_packed_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t he
         if (ndesc >= size)
             return vhostd_fault(q, F_LOOP, head, 0, size);
         d = q->desc + 16 * (size_t)(pos & 0x7fff);
-        flags = load_flags(d);
+        flags = vhostd_packed_flags(d);
         if (!vhostd_packed_avail(flags, pos))
             return vhostd_fault(q, F_WRAP, head, pos, flags);
         memcpy(&addr, d, 8);
@@ -115,26 +85,4 @@ int vhostd_packed_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t he
     q->p_counts[slot] = (uint16_t)ndesc;
     *total_out = total;
     return VHOSTD_DONE;
-}
-
-/* Write the used descriptor for the chain at head where the used position
-   is (id and len, then its flags with release order) and move both
-   positions past the chain's descriptors. */
-void vhostd_packed_put(struct vhostd_vq *q, uint32_t head, uint32_t written)
-{
-    uint32_t size = q->size, slot = (head & 0x7fff) % size, at = q->last_used & 0x7fff;
-    uint32_t count = q->p_counts[slot] % (size + 1);
-    uint16_t id = q->p_ids[slot];
-    uint16_t flags = (q->last_used & PACKED_WRAP) ? (uint16_t)(PACKED_F_AVAIL | PACKED_F_USED) : 0;
-    uint8_t *d = q->desc + 16 * (size_t)(at % size);
-    if (written)
-        flags |= DESC_F_WRITE;
-    memcpy(d + 8, &written, 4);
-    memcpy(d + 12, &id, 2);
-    __atomic_store_n((uint16_t *)(void *)(d + PACKED_FLAGS_AT), flags, __ATOMIC_RELEASE);
-    vhostd_log_write(q->log, q->log_used + 16 * (uint64_t)(at % size) + 8, 8);
-    if (!count)
-        count = 1;
-    q->last_used = (uint16_t)vhostd_packed_advance(q->last_used, count, size);
-    q->last_avail = (uint16_t)vhostd_packed_advance(q->last_avail, count, size);
 }

@@ -4,8 +4,8 @@
 /* A full barrier: orders the used-index store before the event-index load. */
 void vhostd_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
-int vhostd_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int writable,
-                uint32_t *np, uint64_t *total_out, uint32_t *first_len)
+int vhostd_split_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int writable,
+                      uint32_t *np, uint64_t *total_out, uint32_t *first_len)
 {
     const uint8_t *table = q->desc;
     uint32_t limit = q->size, i = head, seen = 0, want = writable ? DESC_F_WRITE : 0;
@@ -13,8 +13,6 @@ int vhostd_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int
     int nested = 0, rc;
     uint64_t total = 0;
     struct vhostd_desc d;
-    if (q->packed)
-        return vhostd_packed_walk(q, c, head, writable, np, total_out, first_len);
     *first_len = 0;
     for (;;) {
         memcpy(&d, table + 16 * (size_t)i, 16);

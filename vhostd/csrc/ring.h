@@ -44,7 +44,7 @@ static inline int vhostd_need(struct vhostd_vq *q, uint64_t addr, uint32_t perm)
 
 /* Append the pieces of one descriptor's buffer [addr, addr + len) to
    q->pieces from *np on, adding len to *total (bounded by max_chain_bytes). */
-static inline int vhostd_add_desc(struct vhostd_vq *q, struct vhostd_tcache *c, uint64_t head,
+static inline __attribute__((always_inline)) int vhostd_add_desc(struct vhostd_vq *q, struct vhostd_tcache *c, uint64_t head,
                                   uint64_t addr, uint32_t len, uint32_t perm, uint32_t *np,
                                   uint64_t *total, uint32_t *first_len)
 {
@@ -129,8 +129,16 @@ static inline void vhostd_put(struct vhostd_vq *q, uint32_t head, uint32_t writt
     q->last_avail++;
 }
 
+int vhostd_split_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int writable,
+                      uint32_t *np, uint64_t *total_out, uint32_t *first_len);
+
 /* Append the pieces of the chain at head to q->pieces from *np on (packed too). */
-int vhostd_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head, int writable,
-                uint32_t *np, uint64_t *total_out, uint32_t *first_len);
+static inline int vhostd_walk(struct vhostd_vq *q, struct vhostd_tcache *c, uint32_t head,
+                              int writable, uint32_t *np, uint64_t *total_out, uint32_t *first_len)
+{
+    if (q->packed)
+        return vhostd_packed_walk(q, c, head, writable, np, total_out, first_len);
+    return vhostd_split_walk(q, c, head, writable, np, total_out, first_len);
+}
 
 #endif

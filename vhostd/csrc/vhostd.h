@@ -86,6 +86,9 @@ struct vhostd_vq {
     uint32_t p_cur_nth;
     uint16_t p_cur_base;
     uint16_t p_cur_pos;
+    uint32_t p_hold;        /* packed, within one C call: 1 hold the first used flags, 2 held */
+    uint32_t p_held_at;     /* where the held flags go (packed.h's vhostd_packed_release) */
+    uint16_t p_held_flags;
 };
 
 /* The translation cache: ranges GuestMemory.extent returned (tcache.h). */
