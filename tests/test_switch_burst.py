@@ -21,7 +21,7 @@ from protocol import VirtioFeature
 from tests.probe import count_batches, ports, session, until
 from tests.vusim import net as vnet
 from tests.vusim.frontend import DEFAULT_NET_FEATURES, Frontend
-from vhostd import fastpath, net
+from vhostd import fastpath
 from vhostd.daemon import Daemon
 from vhostd.net import Frame
 from vhostd.offload import PLAIN, VnetHeader
@@ -144,8 +144,6 @@ async def run_switch(
     """Run ``script`` on one switch port per guest; returns the outcome and the batch sizes."""
     with pytest.MonkeyPatch.context() as mp:
         batches = count_batches(mp)
-        if not batched:  # the reference all the way: the backlog too goes frame by frame
-            mp.setattr(fastpath.FastRxQueue, "flush_backlog", net.RxQueue.flush_backlog)
         async with (
             ports(*["switch"] * len(guests), queue_pairs=2) as (daemon, outs),
             AsyncExitStack() as stack,

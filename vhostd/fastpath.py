@@ -42,8 +42,6 @@ TOO_BIG = BadHeader.TOO_BIG.value
 MAX_PIECES = 1024
 MAX_HEADS = 256
 MAX_BURST = 256
-BACKLOG_RUN = 64
-"""Backlog frames ``FastRxQueue.flush_backlog`` hands C at once."""
 SCRATCH = 1 << 18
 """Bytes for TX frames spread over several buffers (gathered); at least one max frame."""
 
@@ -395,7 +393,7 @@ class FastTxQueue(net.TxQueue):
 class FastRxQueue(net.RxQueue):
     """``RxQueue`` with delivery in C (``flush_backlog`` comes with it)."""
 
-    __slots__ = ("_backlog_frames", "_done", "_features", "_hdr_c", "_ring")
+    __slots__ = ("_done", "_features", "_hdr_c", "_ring")
 
     def __init__(
         self,
@@ -405,7 +403,6 @@ class FastRxQueue(net.RxQueue):
         backlog_limit: int = 512,
     ) -> None:
         super().__init__(queue, features, stats, backlog_limit)
-        self._backlog_frames = ffi.new("struct vhostd_frame[]", BACKLOG_RUN)
         self._ring = _Ring(queue, SCRATCH)  # scratch: one frame at a time in deliver_batch
         self._hdr_c = ffi.new("uint8_t[]", bytes(self.hdr))
         self._done = ffi.new("uint32_t *")
@@ -576,47 +573,6 @@ class FastRxQueue(net.RxQueue):
                     break
             except IotlbError:
                 break
-        return done
-
-    def flush_backlog(self) -> int:
-        """``RxQueue.flush_backlog`` with runs of plain frames delivered by one C call.
-
-        A frame of the run that C does not take (no buffer, a miss, a fault,
-        an offload header) goes to ``deliver`` alone, which decides exactly
-        as the reference: so the order and the outcome are the reference's.
-        """
-        backlog = self.backlog
-        if not backlog:
-            return 0
-        q = self.queue
-        q.refresh()
-        frames = self._backlog_frames
-        done = 0
-        while backlog:
-            n = 0
-            keep = []
-            for frame, hdr in backlog:
-                if hdr is not PLAIN or n == BACKLOG_RUN:
-                    break
-                data = ffi.from_buffer("uint8_t[]", frame)
-                keep.append(data)
-                frames[n].ptr, frames[n].len = data, len(frame)
-                n += 1
-            took = self.deliver_batch(FrameBurst(frames, n)) if n > 1 else 0
-            del keep
-            for _ in range(took):
-                backlog.popleft()
-            done += took
-            if took == n and n > 1:
-                continue
-            if not backlog:
-                break
-            seen = q.avail_idx()
-            if not self.deliver(*backlog[0]):
-                self.stalled_at = seen
-                break
-            backlog.popleft()
-            done += 1
         return done
 
 
