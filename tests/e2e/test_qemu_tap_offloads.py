@@ -84,7 +84,8 @@ def test_tcp_both_ways_over_the_tap_with_gso_frames(
             r = g.result(timeout=400)
             after = tap_counters(netns)
             host = tcp_peer_result(listener, timeout=60)
-        final = status(control)
+        # The guest is gone; its session's detach resets TUNSETOFFLOAD (wait for it).
+        final = wait_status(control, lambda s: s["taps"][0]["tun_offload"] == [], "detach")
     log = vhostd.log()
 
     assert r.passed, (r, g.serial())
@@ -105,9 +106,10 @@ def test_tcp_both_ways_over_the_tap_with_gso_frames(
     assert tap["tun_offload"] == [], tap  # the guest left: nobody takes offloads whole
     if offloads:
         assert {"CSUM", "TSO4", "TSO6"} <= set(during["taps"][0]["tun_offload"]), during
-        # Both directions carry ACKs of the other stream too; still far above MTU frames.
-        assert to_kernel > 2 * MTU_FRAME, d
-        assert from_kernel > 2 * MTU_FRAME, d
+        # Both directions carry ACKs of the other stream too: a mean above the largest
+        # MTU-sized frame is what only super-frames give (runs: 2.4-15 KB).
+        assert to_kernel > MTU_FRAME, d
+        assert from_kernel > MTU_FRAME, d
         assert tap["gso_tx"] > 100 and tap["gso_rx"] > 100, tap
         assert tap["segmented"] == 0, tap
         assert port(final, "g")["offload"]["segmented"] == 0
