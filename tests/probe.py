@@ -8,6 +8,7 @@ a connection's fds and guest-memory mappings were really given back.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -131,3 +132,14 @@ async def reflected(fe: Frontend, rounds: int, start: int = 0) -> None:
         assert len(await fe.send_frames(1, sent)) == 16
         got = await fe.recv_frames(0, count=16, timeout=5)
         assert [g[12:] for g in got] == [f[12:] for f in sent]
+
+
+def read_all(sock: socket.socket) -> list[bytes]:
+    """Every datagram waiting on ``sock`` (the kernel's end of a TAP stand-in), in order."""
+    sock.setblocking(False)
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(1 << 17))
+        except BlockingIOError:
+            return out

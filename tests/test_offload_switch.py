@@ -12,6 +12,7 @@ import socket
 
 from protocol.enums import VirtioFeature as VF
 from tests.offload_frames import csum_header, gso_header, tcp4
+from tests.probe import read_all
 from vhostd.net import Frame
 from vhostd.offload import OFFLOAD_FEATURES, PLAIN, VnetHeader, check_tx, segment
 from vhostd.switch import Switch
@@ -39,16 +40,6 @@ def _tap(switch: Switch) -> tuple[TapUplink, socket.socket]:
     return tap, theirs
 
 
-def _read_all(sock: socket.socket) -> list[bytes]:
-    sock.setblocking(False)
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(1 << 17))
-        except BlockingIOError:
-            return out
-
-
 def test_a_flooded_super_frame_is_segmented_for_the_tap_and_whole_for_a_tso_endpoint() -> None:
     switch = Switch()
     src, other = Guest(), Guest()
@@ -61,19 +52,19 @@ def test_a_flooded_super_frame_is_segmented_for_the_tap_and_whole_for_a_tso_endp
         assert isinstance(hdr, VnetHeader)
         switch.forward(src, frame, hdr)  # unknown destination: flooded
         assert other.got == [(frame, hdr)]  # an endpoint that decides for itself
-        assert _read_all(kernel) == segment(frame, hdr)
+        assert read_all(kernel) == segment(frame, hdr)
         assert (tap.segmented, tap.segments, tap.tx_packets) == (1, 14, 14)
 
         partial = tcp4(b"hello" * 100, csum="partial")
         c = check_tx(csum_header(partial), partial, int(VF.NET_CSUM))
         assert isinstance(c, VnetHeader)
         switch.forward(src, partial, c)
-        assert _read_all(kernel) == [tcp4(b"hello" * 100)]
+        assert read_all(kernel) == [tcp4(b"hello" * 100)]
         assert tap.csum_completed == 1
 
         plain = tcp4(b"x" * 100)
         switch.forward(src, plain)
-        assert _read_all(kernel) == [plain]
+        assert read_all(kernel) == [plain]
     finally:
         os.close(tap.fd)
         kernel.close()

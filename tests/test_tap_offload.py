@@ -21,6 +21,7 @@ import trio
 
 from protocol.enums import VirtioFeature as VF
 from tests.offload_frames import ACK, PSH, csum_header, gso_header, tcp4, tcp6
+from tests.probe import read_all
 from vhostd import tap as tap_module
 from vhostd.net import Frame
 from vhostd.offload import (
@@ -71,16 +72,6 @@ def tap_pair() -> Iterator[tuple[Switch, TapUplink, socket.socket]]:
         kernel.close()
 
 
-def _read_all(sock: socket.socket) -> list[bytes]:
-    sock.setblocking(False)
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(1 << 17))
-        except BlockingIOError:
-            return out
-
-
 def test_offloaded_frames_reach_the_kernel_whole_with_their_header(
     tap_pair: tuple[Switch, TapUplink, socket.socket],
 ) -> None:
@@ -94,18 +85,18 @@ def test_offloaded_frames_reach_the_kernel_whole_with_their_header(
     switch.forward(src, frame, hdr)
     # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
     want = struct.pack("<BBHHHHH", F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0)
-    assert _read_all(kernel) == [want + frame]
+    assert read_all(kernel) == [want + frame]
 
     partial = tcp6(b"hello" * 100, csum="partial")
     c = check_tx(csum_header(partial, v6=True), partial, int(VF.NET_CSUM))
     assert isinstance(c, VnetHeader)
     switch.forward(src, partial, c)
     want = struct.pack("<BBHHHHH", F_NEEDS_CSUM, 0, 0, 0, 54, 16, 0)
-    assert _read_all(kernel) == [want + partial]
+    assert read_all(kernel) == [want + partial]
 
     plain = tcp4(b"x" * 100)
     switch.forward(src, plain)
-    assert _read_all(kernel) == [bytes(12) + plain]
+    assert read_all(kernel) == [bytes(12) + plain]
     assert (tap.gso_tx, tap.segmented, tap.csum_completed) == (1, 0, 0)
     assert (tap.tx_packets, tap.tx_bytes) == (3, len(frame) + len(partial) + len(plain))
 
@@ -253,7 +244,7 @@ def test_offloads_off_writes_bare_frames_and_never_sets_offloads(
         switch.attach(Guest("tso", GUEST_TSO))
         plain = tcp4(b"x" * 100)
         tap.send(plain)
-        assert _read_all(kernel) == [plain]
+        assert read_all(kernel) == [plain]
     finally:
         os.close(tap.fd)
         kernel.close()
